@@ -1,0 +1,126 @@
+"""Typed configuration: one dataclass per concern, saved with every checkpoint and result.
+
+`ModelConfig` describes the network, `LossConfig` the matching and the loss weights. Defaults are the
+paper's (MaskFormer R50 on ADE20K-150); presets in `mfcore.presets` override what differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+ARCHS = ("maskformer", "perpixel", "perpixelplus")
+MATCHERS = ("hungarian", "fixed", "box", "perpixel")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "maskformer"          # maskformer | perpixel (1x1 conv head) | perpixelplus (N=K queries, no class head)
+    backbone: str = "r50"             # see mfcore.backbones.BACKBONES
+    num_classes: int = 150            # K real categories; MaskFormer's class head has K+1 outputs
+    num_queries: int = 100            # N; perpixelplus forces N=K
+    conv_dim: int = 256               # pixel decoder channels
+    mask_dim: int = 256               # per-pixel embedding channels (C_E in the paper)
+    hidden_dim: int = 256             # transformer width d
+    nheads: int = 8                   # attention heads in the transformer decoder/encoder
+    dim_feedforward: int = 2048       # FFN width
+    dropout: float = 0.1              # transformer dropout
+    dec_layers: int = 6               # transformer decoder layers (Table VIII: 1 or 6)
+    enc_layers: int = 0               # >0: the "+ 6 Enc" pixel decoder of the panoptic R50/R101 models
+    self_attention: bool = True       # False: decoder without self-attention (Table VIII)
+    box_head: bool = False            # add DETR's box MLP for box matching (Table 5)
+    gn_groups: int = 32               # GroupNorm groups in the pixel decoder (small models use fewer)
+    drop_path: float = 0.0            # stochastic depth in Swin backbones (paper: 0.3)
+    pretrained: str | None = None     # local backbone state-dict file; never downloaded
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255 scale
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"ModelConfig.arch={self.arch!r}: expected one of {ARCHS}")
+        if self.num_classes < 1:
+            raise ValueError(f"ModelConfig.num_classes={self.num_classes}: expected >= 1")
+        if self.dec_layers < 1:
+            raise ValueError(f"ModelConfig.dec_layers={self.dec_layers}: expected >= 1")
+        self.pixel_mean = tuple(self.pixel_mean)
+        self.pixel_std = tuple(self.pixel_std)
+
+
+@dataclass
+class LossConfig:
+    matcher: str = "hungarian"        # hungarian | fixed (query i <-> class i) | box (DETR costs) | perpixel (CE)
+    cost_class: float = 1.0           # matching cost weights (paper: 1, 20, 1)
+    cost_mask: float = 20.0
+    cost_dice: float = 1.0
+    eos_coef: float = 0.1             # CE weight of the "no object" class
+    num_points: int | None = None     # point-sampled mask loss (memory saver); None = dense, as the paper
+    deep_supervision: bool = True     # losses after every decoder layer
+
+    def __post_init__(self) -> None:
+        if self.matcher not in MATCHERS:
+            raise ValueError(f"LossConfig.matcher={self.matcher!r}: expected one of {MATCHERS}")
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain JSON-able dict of a (nested) config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config dataclass from `to_dict` output; unknown keys are an error, not silently dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; expected a subset of {sorted(names)}")
+    return cls(**data)
+
+
+def override(cfg: Any, **changes: Any) -> Any:
+    """Copy of `cfg` with fields changed; a misspelt field is an error."""
+    names = {f.name for f in dataclasses.fields(cfg)}
+    bad = sorted(set(changes) - names)
+    if bad:
+        raise ValueError(f"{type(cfg).__name__}: no field(s) {bad}; valid: {sorted(names)}")
+    return dataclasses.replace(cfg, **changes)
+
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "ade20k"                   # mfcore.data dataset name, or "synthetic" / "synthetic-panoptic"
+    crop_size: tuple[int, int] = (512, 512)   # training crop (H, W); FLOPs are counted at this size
+    short_sides: tuple[int, ...] = tuple(int(512 * s / 10) for s in range(5, 21))  # 256, 307, ..., 1024
+    max_size: int = 2048                      # longest side cap after the short-side resize
+    test_short_side: int = 512                # single-scale evaluation short side
+    tta_short_sides: tuple[int, ...] = (256, 384, 512, 640, 768, 896)  # multi-scale test (+ flip)
+    iters: int = 160_000                      # optimiser steps
+    batch_size: int = 16                      # images per step, summed over processes and accumulation
+    lr: float = 1e-4                          # AdamW base learning rate
+    weight_decay: float = 1e-4                # 0 for norms and embeddings (paper)
+    backbone_lr_mult: float = 0.1             # ResNet backbones 0.1, Swin 1.0
+    lr_schedule: str = "poly"                 # poly (power 0.9) | step (COCO panoptic: x0.1 at `lr_steps`)
+    poly_power: float = 0.9
+    lr_steps: tuple[int, ...] = ()
+    warmup_iters: int = 0                     # linear warm-up (Swin: 1500)
+    clip_grad_norm: float = 0.01              # whole-model L2 gradient clipping
+    amp: str = "off"                          # off (fp32, as the paper) | bf16 | fp16
+    grad_accum: int = 1                       # micro-batches per optimiser step
+    object_mask_threshold: float = 0.8        # panoptic inference (ADE20K panoptic 0.7)
+    overlap_threshold: float = 0.8
+    ignore_label: int = 255
+    # run-level settings (do not change the result, except `seed`)
+    seed: int = 0                             # model init, data order, augmentation and dropout RNGs
+    eval_period: int = 0                      # evaluate on the val split every N iterations (0: only at the end)
+    checkpoint_period: int = 1000             # write last.pt every N iterations (and always at the end)
+    log_period: int = 20                      # one metrics.jsonl line every N iterations
+    num_workers: int = 2                      # data-loading processes per training process
+
+    def __post_init__(self) -> None:
+        self.crop_size = tuple(self.crop_size)
+        self.short_sides = tuple(self.short_sides)
+        self.tta_short_sides = tuple(self.tta_short_sides)
+        self.lr_steps = tuple(self.lr_steps)
+        if self.amp not in ("off", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.amp={self.amp!r}: expected off, bf16 or fp16")
+        if self.lr_schedule not in ("poly", "step"):
+            raise ValueError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: expected poly or step")

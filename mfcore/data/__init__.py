@@ -1,0 +1,38 @@
+"""Data: real benchmark readers, synthetic scenes, augmentation and batching.
+
+    build_dataset(name, root, split, transform)  -> dataset of sample dicts (see datasets.py)
+    build_train_transform(...), build_eval_transform(...), collate(batch)
+    make_synthetic(out_dir, ...), make_classification_set(out_dir, ...)
+"""
+from mfcore.data.datasets import DATASETS, PanopticSegDataset, SegmentationDataset, SemanticSegDataset, build_dataset
+from mfcore.data.synthetic import ClassDesign, design_classes, render_scene
+from mfcore.data.synthetic_writer import make_classification_set, make_synthetic
+from mfcore.data.transforms import (
+    PIXEL_MEAN,
+    PIXEL_STD,
+    build_eval_transform,
+    build_train_transform,
+    collate,
+    panoptic_targets,
+    semantic_targets,
+)
+
+__all__ = [
+    "DATASETS",
+    "PIXEL_MEAN",
+    "PIXEL_STD",
+    "ClassDesign",
+    "PanopticSegDataset",
+    "SegmentationDataset",
+    "SemanticSegDataset",
+    "build_dataset",
+    "build_eval_transform",
+    "build_train_transform",
+    "collate",
+    "design_classes",
+    "make_classification_set",
+    "make_synthetic",
+    "panoptic_targets",
+    "render_scene",
+    "semantic_targets",
+]

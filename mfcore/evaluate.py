@@ -1,0 +1,156 @@
+"""Evaluation of a checkpoint, as the paper reports it.
+
+Semantic: mIoU (dataset-level confusion matrix) and PQ^St, where every class region of the prediction
+and of the ground truth is one segment and all classes count as stuff (Table 2). Panoptic datasets and
+mask-classification models add panoptic PQ / PQ^Th / PQ^St / SQ / RQ from general inference (Sec. 3.4)
+with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap threshold 0.8.
+
+Single-scale test: the image is resized to the preset's test short side, predictions are resized back to
+the label's original size. `tta=True`: the multi-scale + flip test of Table 1 (semantic metrics only;
+the panoptic numbers stay single-scale, as in the paper).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import distributed as du
+from .checkpoint import config_dict, configs_from_checkpoint, load_checkpoint, load_model_state, write_json
+from .config import TrainConfig, override
+from .inference import (PIXEL_MEAN_RGB, pad_images, panoptic_inference, postprocess_masks, predict_semantic,
+                        predict_semantic_tta, resize_shortest_edge, semantic_inference)
+from .metrics import PQAccumulator, SemSegEvaluator, semantic_categories
+from .models import build_model
+from .runtime import build_run_dataset, resolve_device
+
+
+@torch.inference_mode()
+def mask_predictions(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """MaskFormer's pairs for one image [3, h, w] (0..255): pred_logits [N, K+1] and mask logits
+    [N, H_out, W_out] resized to `output_size` (upsampled to the padded input, padding cropped)."""
+    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
+    outputs = model(batch)
+    masks = postprocess_masks(outputs["pred_masks"][0], tuple(batch.shape[-2:]), size, output_size)
+    return outputs["pred_logits"][0], masks
+
+
+def _merge_pq(acc: PQAccumulator) -> None:
+    """Sum the PQ counts of all processes into `acc`."""
+    if not du.is_initialized():
+        return
+    gathered: list[Any] = [None] * du.get_world_size()
+    torch.distributed.all_gather_object(gathered, acc.stats)
+    acc.stats = {c: {"tp": 0, "fp": 0, "fn": 0, "iou": 0.0} for c in acc.stats}
+    for stats in gathered:
+        acc._add_stats(stats)
+
+
+def _pq_summary(result: dict, names: list[str], suffix: str) -> dict:
+    """{"PQ<suffix>", "SQ<suffix>", "RQ<suffix>"} of the "All" average plus a per-class table."""
+    out = {f"{k.upper()}{suffix}": result["All"][k] for k in ("pq", "sq", "rq")}
+    out["per_class"] = [{"id": c, "name": names[c], **{k: v[k] for k in ("pq", "sq", "rq", "tp", "fp", "fn")}}
+                        for c, v in sorted(result["per_class"].items())]
+    return out
+
+
+def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device, tta: bool = False,
+                   max_images: int | None = None) -> dict:
+    """Metrics of `model` on `dataset` (built without transform: original images and labels).
+
+    Under torchrun each process scores images rank, rank + world, ... and the counts are summed.
+    Returns {"num_images", "semantic": {"mIoU", "pixel_acc", "mAcc", "PQ_St", "SQ_St", "RQ_St",
+    "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
+    "PQ_St", "SQ", "RQ", "per_class"}}; values in percent.
+    """
+    from .data.datasets import PanopticSegDataset
+
+    was_training = model.training
+    model.eval()
+    k, names = dataset.num_classes, list(dataset.class_names)
+    mask_classification = model.cfg.arch == "maskformer"
+    semseg = SemSegEvaluator(k, dataset.ignore_label)
+    pq_st = PQAccumulator(semantic_categories(k))
+    pq = None
+    if isinstance(dataset, PanopticSegDataset) and mask_classification:
+        pq = PQAccumulator([{"id": c, "isthing": int(c in dataset.thing_ids)} for c in range(k)])
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    for index in range(du.get_rank(), count, du.get_world_size()):
+        sample = dataset[index]
+        gt = sample["sem_seg"]
+        out_size = tuple(gt.shape[-2:])
+        image = sample["image"].to(device)
+        resized = resize_shortest_edge(image, cfg.test_short_side, cfg.max_size)
+        logits = masks = None
+        if tta:
+            # long side capped at 4x the largest short side: 3584 for ADE20K's 896, as the released test
+            scores = predict_semantic_tta(model, image, cfg.tta_short_sides, True, 4 * max(cfg.tta_short_sides))
+        elif mask_classification:
+            logits, masks = mask_predictions(model, resized, out_size)
+            scores = semantic_inference(logits, masks)
+        else:
+            scores = predict_semantic(model, resized, out_size)
+        pred = scores.argmax(0).cpu()
+        semseg.update(pred, gt)
+        pq_st.add_semantic(pred.numpy(), gt.numpy(), dataset.ignore_label)
+        if pq is not None:
+            if logits is None:
+                logits, masks = mask_predictions(model, resized, out_size)
+            seg, segments = panoptic_inference(logits, masks, dataset.thing_ids, cfg.object_mask_threshold,
+                                               cfg.overlap_threshold)
+            pq.add(sample["pan_seg"].numpy(), sample["segments_info"], seg.cpu().numpy(), segments)
+    model.train(was_training)
+
+    semseg.sync()
+    sem = semseg.compute()
+    _merge_pq(pq_st)
+    st = _pq_summary(pq_st.compute(), names, "_St")
+    st_rows = {row["id"]: row for row in st.pop("per_class")}
+    nan = float("nan")
+    per_class = [{"id": c, "name": names[c], "iou": iou,
+                  **{f"{m}_st": st_rows.get(c, {}).get(m, nan) for m in ("pq", "sq", "rq")}}
+                 for c, iou in enumerate(sem["per_class_iou"])]
+    result: dict = {"num_images": count, "semantic": {"mIoU": sem["mIoU"], "pixel_acc": sem["pixel_acc"],
+                                                      "mAcc": sem["mAcc"], **st, "per_class": per_class}}
+    if pq is not None:
+        _merge_pq(pq)
+        pan = pq.compute()
+        result["panoptic"] = {**_pq_summary(pan, names, ""), "PQ_Th": pan["Things"]["pq"], "PQ_St": pan["Stuff"]["pq"]}
+    return result
+
+
+def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: bool = False, split: str = "val",
+             output: str | Path | None = None, device: str = "auto", max_images: int | None = None) -> dict:
+    """Evaluate a checkpoint (from `train` or `convert-checkpoint`) and write the results as JSON.
+
+    The JSON goes to `output`, by default next to the checkpoint: `eval_<split>[_tta].json`.
+    Returns the written dict: {"checkpoint", "iteration", "split", "tta", "metrics", "config", "git_commit"}.
+    """
+    checkpoint = Path(checkpoint)
+    ckpt = load_checkpoint(checkpoint)
+    preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
+    device = du.init_distributed(resolve_device(device))
+    # the weights come from the checkpoint; a pretrained backbone file need not exist any more
+    model = build_model(override(model_cfg, pretrained=None))
+    load_model_state(model, ckpt["model"], str(checkpoint))
+    model.to(device)
+    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
+                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    start = time.perf_counter()
+    metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images)
+    result = {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, "tta": tta,
+              "seconds": round(time.perf_counter() - start, 2), "metrics": metrics,
+              "config": config_dict(preset, model_cfg, loss_cfg, train_cfg), "git_commit": ckpt.get("git_commit")}
+    if du.is_main_process():
+        path = Path(output) if output else checkpoint.parent / f"eval_{split}{'_tta' if tta else ''}.json"
+        write_json(path, result)
+        result["output"] = str(path)
+    return result
+
+
+__all__ = ["evaluate", "evaluate_model", "mask_predictions"]

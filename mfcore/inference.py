@@ -1,0 +1,299 @@
+"""Mask-classification inference (paper Sec. 3.4) and test-time helpers.
+
+MaskFormer predicts N probability-mask pairs z = {(p_i, m_i)}: ``pred_logits: [N, K+1]`` (the last
+column is "no object") and ``pred_masks: [N, H, W]`` mask logits. Two ways turn them into an output:
+
+* **semantic inference** marginalises over the pairs,
+  ``score[c, h, w] = sum_i p_i(c) * sigmoid(m_i[h, w])`` for the K real classes, then argmax over c;
+* **general inference** hard-assigns each pixel to one pair, ``argmax_{i: c_i != no-object}
+  p_i(c_i) * sigmoid(m_i[h, w])``, after dropping low-confidence pairs; it gives panoptic output
+  (things keep their own segment, stuff of one class is merged) and, with every class treated as stuff,
+  Table VII's "general inference" semantic map.
+
+Thresholds (REFERENCE.md): object-mask threshold 0.8 on COCO panoptic, **0.7 on ADE20K panoptic**, 0.3
+for Table VII's general semantic inference; overlap threshold 0.8 everywhere.
+
+The resize helpers follow the released code: mask logits (stride 4 of the padded input) are bilinearly
+upsampled to the padded size, the padding is cropped, and the result is resized to the original size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Images are padded with the pixel mean, so that after the model's own normalisation the padding is 0,
+# as in the released code (which pads the already-normalised images with zeros).
+PIXEL_MEAN_RGB = (123.675, 116.28, 103.53)
+# Released ADE20K-150 multi-scale test: short sides 256..896 (0.5x..1.75x of 512), long side <= 3584.
+ADE20K_TTA_SHORT_SIDES = (256, 384, 512, 640, 768, 896)
+ADE20K_TTA_MAX_SIZE = 3584
+
+
+def _check_pairs(pred_logits: Tensor, pred_masks: Tensor) -> None:
+    if pred_logits.dim() != 2 or pred_masks.dim() != 3 or pred_logits.shape[0] != pred_masks.shape[0]:
+        raise ValueError(
+            f"expected pred_logits [N, K+1] and pred_masks [N, H, W] with the same N, got "
+            f"{tuple(pred_logits.shape)} and {tuple(pred_masks.shape)}"
+        )
+
+
+def semantic_inference(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
+    """Per-pixel class scores of semantic inference (paper Sec. 3.4).
+
+    Args:
+        pred_logits: [N, K+1] class logits; the last column is "no object".
+        pred_masks: [N, H, W] mask logits.
+    Returns:
+        [K, H, W] scores ``sum_i softmax(p_i)[c] * sigmoid(m_i)``; "no object" is dropped so every
+        pixel takes a real label at the argmax.
+    """
+    _check_pairs(pred_logits, pred_masks)
+    probs = pred_logits.softmax(dim=-1)[:, :-1]  # [N, K]
+    return torch.einsum("nc,nhw->chw", probs, pred_masks.sigmoid())
+
+
+def panoptic_inference(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    thing_ids: Sequence[int] | set[int],
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+) -> tuple[Tensor, list[dict]]:
+    """General inference into a panoptic segmentation (COCO: thresholds 0.8 / 0.8; ADE20K: 0.7 / 0.8).
+
+    Args:
+        pred_logits: [N, K+1] class logits; the last column is "no object".
+        pred_masks: [N, H, W] mask logits at the output resolution.
+        thing_ids: contiguous class indices (0..K-1) that are "things"; every other class is "stuff".
+        object_mask_threshold: a query is kept only if its most likely class c_i is not "no object"
+            and p_i(c_i) > this value.
+        overlap_threshold: a kept query is dropped (its pixels stay VOID) if the area it wins in the
+            argmax is < this fraction of its own mask area (sigmoid(m_i) >= 0.5).
+    Returns:
+        segmentation: [H, W] int32 segment ids, 0 = VOID, ids start at 1.
+        segments: one dict per segment, ``{"id", "category_id" (contiguous class index), "isthing",
+            "score"}``; ``score`` is p_i(c_i) of the query (the highest one for merged stuff).
+    """
+    _check_pairs(pred_logits, pred_masks)
+    num_classes = pred_logits.shape[1] - 1
+    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)  # [N], [N]
+    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    scores, labels, masks = scores[keep], labels[keep], pred_masks[keep].sigmoid()
+
+    segmentation = torch.zeros(pred_masks.shape[-2:], dtype=torch.int32, device=pred_masks.device)
+    segments: list[dict] = []
+    if masks.shape[0] == 0:
+        return segmentation, segments
+
+    # argmax_i p_i(c_i) * sigmoid(m_i[h, w]) over the kept queries only.
+    winner = (scores[:, None, None] * masks).argmax(dim=0)  # [H, W]
+    thing_ids = {int(t) for t in thing_ids}
+    stuff_segment: dict[int, dict] = {}  # class -> its single merged stuff segment
+    for i in range(masks.shape[0]):
+        assigned = winner == i
+        assigned_area = int(assigned.sum())
+        own_area = int((masks[i] >= 0.5).sum())
+        # Drop empty queries and queries mostly occluded by others (they would be false positives).
+        if assigned_area == 0 or own_area == 0 or assigned_area < overlap_threshold * own_area:
+            continue
+        category = int(labels[i])
+        score = float(scores[i])
+        isthing = category in thing_ids
+        if not isthing and category in stuff_segment:
+            merged = stuff_segment[category]
+            segmentation[assigned] = merged["id"]
+            merged["score"] = max(merged["score"], score)
+            continue
+        segment = {"id": len(segments) + 1, "category_id": category, "isthing": isthing, "score": score}
+        segmentation[assigned] = segment["id"]
+        segments.append(segment)
+        if not isthing:
+            stuff_segment[category] = segment
+    return segmentation, segments
+
+
+def general_semantic_inference(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    object_mask_threshold: float = 0.3,
+    overlap_threshold: float = 0.8,
+    ignore_label: int = 255,
+) -> Tensor:
+    """Table VII's "general inference" for semantic segmentation: a label map [H, W] (int64).
+
+    Panoptic inference with every class treated as stuff (same-class segments merge); VOID pixels
+    (no kept query, or a dropped query) get ``ignore_label``.
+    """
+    segmentation, segments = panoptic_inference(
+        pred_logits, pred_masks, thing_ids=(), object_mask_threshold=object_mask_threshold,
+        overlap_threshold=overlap_threshold,
+    )
+    # Lookup table segment id -> class; index 0 (VOID) -> ignore_label.
+    lut = torch.full((len(segments) + 1,), ignore_label, dtype=torch.int64, device=pred_masks.device)
+    for segment in segments:
+        lut[segment["id"]] = segment["category_id"]
+    return lut[segmentation.long()]
+
+
+def instance_inference(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    object_mask_threshold: float = 0.0,
+    mask_threshold: float = 0.5,
+) -> dict[str, Tensor]:
+    """One instance per kept query, for mask AP.
+
+    Rule: keep query i if its most likely class c_i is not "no object" and p_i(c_i) >
+    ``object_mask_threshold``; its mask is sigmoid(m_i) >= ``mask_threshold``; its score is
+    ``p_i(c_i) * mean(sigmoid(m_i) over the mask)``. Queries with an empty mask are dropped.
+
+    Returns:
+        {"masks": [M, H, W] bool, "labels": [M] int64 (contiguous), "scores": [M] float}.
+    """
+    _check_pairs(pred_logits, pred_masks)
+    num_classes = pred_logits.shape[1] - 1
+    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)
+    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    probs = pred_masks[keep].sigmoid()  # [M, H, W]
+    masks = probs >= mask_threshold
+    area = masks.flatten(1).sum(dim=1)
+    mask_score = (probs * masks).flatten(1).sum(dim=1) / area.clamp(min=1)
+    nonempty = area > 0
+    return {
+        "masks": masks[nonempty],
+        "labels": labels[keep][nonempty],
+        "scores": (scores[keep] * mask_score)[nonempty],
+    }
+
+
+def postprocess_masks(
+    masks: Tensor,
+    padded_size: tuple[int, int],
+    image_size: tuple[int, int],
+    output_size: tuple[int, int],
+) -> Tensor:
+    """Bring stride-4 logits back to the original image.
+
+    Args:
+        masks: [B, N, h, w] or [N, h, w] logits on the padded input (mask logits or per-pixel class
+            logits).
+        padded_size: (Hp, Wp) of the padded batch; image_size: (H, W) of the image inside it (top-left);
+        output_size: (H_out, W_out) of the original image.
+    Returns:
+        [B, N, H_out, W_out] or [N, H_out, W_out]; bilinear, align_corners=False, as in the released code.
+    """
+    if masks.dim() not in (3, 4):
+        raise ValueError(f"expected masks [B, N, h, w] or [N, h, w], got shape {tuple(masks.shape)}")
+    if image_size[0] > padded_size[0] or image_size[1] > padded_size[1]:
+        raise ValueError(f"image_size {tuple(image_size)} does not fit in padded_size {tuple(padded_size)}")
+    batched = masks if masks.dim() == 4 else masks[None]
+    batched = F.interpolate(batched, size=tuple(padded_size), mode="bilinear", align_corners=False)
+    batched = batched[:, :, : image_size[0], : image_size[1]]
+    batched = F.interpolate(batched, size=tuple(output_size), mode="bilinear", align_corners=False)
+    return batched if masks.dim() == 4 else batched[0]
+
+
+def pad_images(
+    images: Sequence[Tensor],
+    size_divisibility: int = 32,
+    pad_value: float | Sequence[float] = 0.0,
+) -> tuple[Tensor, list[tuple[int, int]]]:
+    """Stack [3, H, W] images into [B, 3, Hp, Wp], padding bottom/right to a multiple of size_divisibility.
+
+    ``pad_value`` is one value or one per channel (pass ``PIXEL_MEAN_RGB`` to match the released code).
+    Returns the batch and the (H, W) of every image.
+    """
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    for image in images:
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"expected images of shape [3, H, W], got {tuple(image.shape)}")
+    sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
+    d = size_divisibility
+    height = -(-max(h for h, _ in sizes) // d) * d
+    width = -(-max(w for _, w in sizes) // d) * d
+    fill = torch.as_tensor(pad_value, dtype=images[0].dtype, device=images[0].device).reshape(-1, 1, 1)
+    if fill.shape[0] not in (1, 3):
+        raise ValueError(f"pad_value must be one value or 3 (one per channel), got {pad_value}")
+    batch = fill.expand(3, height, width).repeat(len(images), 1, 1, 1)
+    for b, image in enumerate(images):
+        batch[b, :, : image.shape[1], : image.shape[2]] = image
+    return batch, sizes
+
+
+@torch.inference_mode()
+def predict_semantic(
+    model: nn.Module,
+    image: Tensor,
+    output_size: tuple[int, int] | None = None,
+    size_divisibility: int = 32,
+    pad_value: float | Sequence[float] = PIXEL_MEAN_RGB,
+) -> Tensor:
+    """Single-scale semantic scores [K, H_out, W_out] for one float RGB image [3, H, W] in 0..255.
+
+    MaskFormer outputs (``pred_logits``, ``pred_masks``) go through semantic inference after the mask
+    logits are resized; per-pixel outputs (``sem_seg_logits``) are resized, then softmaxed (the
+    released per-pixel models return logits; softmax keeps the argmax and makes scores averageable).
+    ``output_size`` defaults to (H, W). The model must be in eval mode.
+    """
+    if model.training:
+        raise ValueError("predict_semantic needs the model in eval mode: call model.eval() first")
+    batch, (image_size,) = pad_images([image], size_divisibility, pad_value)
+    output_size = tuple(output_size) if output_size is not None else image_size
+    outputs = model(batch)
+    padded_size = tuple(batch.shape[-2:])
+    if "pred_logits" in outputs:
+        masks = postprocess_masks(outputs["pred_masks"][0], padded_size, image_size, output_size)
+        return semantic_inference(outputs["pred_logits"][0], masks)
+    if "sem_seg_logits" in outputs:
+        logits = postprocess_masks(outputs["sem_seg_logits"][0], padded_size, image_size, output_size)
+        return logits.softmax(dim=0)
+    raise ValueError(f"model outputs need 'pred_logits'/'pred_masks' or 'sem_seg_logits', got {sorted(outputs)}")
+
+
+def resize_shortest_edge(image: Tensor, short_side: int, max_size: int) -> Tensor:
+    """Resize [3, H, W] so its short side is ``short_side`` and its long side at most ``max_size``.
+
+    Sizes are rounded as detectron2's ResizeShortestEdge does; bilinear with antialiasing, close to the
+    PIL resize the released pipeline uses on uint8 images.
+    """
+    h, w = image.shape[-2:]
+    scale = short_side / min(h, w)
+    if max(h, w) * scale > max_size:
+        scale = max_size / max(h, w)
+    new_size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    return F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+@torch.inference_mode()
+def predict_semantic_tta(
+    model: nn.Module,
+    image: Tensor,
+    short_sides: Sequence[int] = ADE20K_TTA_SHORT_SIDES,
+    flip: bool = True,
+    max_size: int = ADE20K_TTA_MAX_SIZE,
+    size_divisibility: int = 32,
+) -> Tensor:
+    """Multi-scale (+ horizontal flip) semantic scores [K, H, W] for one image [3, H, W] in 0..255.
+
+    The image is resized to every short side, optionally flipped, predicted, mapped back to (H, W)
+    (flipped back), and the score maps are averaged, as the released SemanticSegmentorWithTTA does.
+    """
+    output_size = (int(image.shape[-2]), int(image.shape[-1]))
+    total: Tensor | None = None
+    count = 0
+    for short_side in short_sides:
+        resized = resize_shortest_edge(image, short_side, max_size)
+        for flipped in (False, True) if flip else (False,):
+            view = resized.flip(-1) if flipped else resized
+            scores = predict_semantic(model, view, output_size, size_divisibility)
+            scores = scores.flip(-1) if flipped else scores
+            total = scores if total is None else total + scores
+            count += 1
+    if total is None:
+        raise ValueError("predict_semantic_tta needs at least one short side")
+    return total / count

@@ -1,0 +1,176 @@
+"""Assign predictions to ground-truth segments (paper Sec. 3.2, Table 4a/4b, Table 5).
+
+Every matcher maps `outputs` and a list of per-image `targets` to one `(pred_idx, tgt_idx)` pair of
+LongTensors per image: prediction pred_idx[k] is trained towards segment tgt_idx[k]; predictions left out
+are trained towards "no object".
+
+- `HungarianMatcher`: bipartite matching on C = -p_i(c_j) + 20 * focal(m_i, m_j) + 1 * dice(m_i, m_j).
+- `FixedMatcher`: MaskFormer-fixed, N = K and query i <-> the segment of class i.
+- `BoxMatcher`: DETR's box costs (class 1, L1 5, GIoU 2) on a box head's outputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from mfcore.boxes import pairwise_giou, target_boxes
+
+Indices = list[tuple[Tensor, Tensor]]
+
+
+def check_targets(targets: list[dict], batch_size: int) -> None:
+    """Raise ValueError unless `targets` holds one {"labels": [n], "masks": [n, H, W]} per image."""
+    if len(targets) != batch_size:
+        raise ValueError(f"targets: expected {batch_size} dicts (one per image), got {len(targets)}")
+    for b, t in enumerate(targets):
+        if "labels" not in t or "masks" not in t:
+            raise ValueError(f"targets[{b}]: expected keys 'labels' and 'masks', got {sorted(t)}")
+        labels, masks = t["labels"], t["masks"]
+        if labels.dim() != 1 or masks.dim() != 3 or masks.shape[0] != labels.shape[0]:
+            raise ValueError(f"targets[{b}]: expected labels [n] and masks [n, H, W], got "
+                             f"{tuple(labels.shape)} and {tuple(masks.shape)}")
+
+
+def pairwise_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """Per-pixel mean sigmoid focal loss of every (prediction, target) pair, by two matrix products.
+
+    logits: [..., N, P], targets: [..., M, P] in {0, 1} -> [..., N, M].
+    focal(x, t) = t * a (1-p)^g (-log p) + (1-t) * (1-a) p^g (-log(1-p)), p = sigmoid(x); it is linear
+    in t, so the sum over pixels for all pairs is pos @ t^T + neg @ (1-t)^T.
+    """
+    prob = logits.sigmoid()
+    pos = alpha * (1 - prob) ** gamma * F.softplus(-logits)   # softplus(-x) = -log sigmoid(x)
+    neg = (1 - alpha) * prob ** gamma * F.softplus(logits)    # softplus(x) = -log(1 - sigmoid(x))
+    total = pos @ targets.transpose(-1, -2) + neg @ (1 - targets).transpose(-1, -2)
+    return total / logits.shape[-1]
+
+
+def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
+    """dice(m, t) = 1 - (2 sum(sigmoid(m) t) + 1) / (sum sigmoid(m) + sum t + 1) for every pair.
+
+    logits: [..., N, P], targets: [..., M, P] -> [..., N, M].
+    """
+    prob = logits.sigmoid()
+    numerator = 2 * prob @ targets.transpose(-1, -2) + 1
+    denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :] + 1
+    return 1 - numerator / denominator
+
+
+def assign(costs: list[Tensor]) -> Indices:
+    """Minimum-cost one-to-one assignment per image; costs[b]: [N, n_b] -> (pred_idx, tgt_idx)."""
+    pairs = [linear_sum_assignment(cost.cpu().numpy()) for cost in costs]
+    return [(torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)) for rows, cols in pairs]
+
+
+class HungarianMatcher(nn.Module):
+    """MaskFormer's bipartite matching on class and mask costs."""
+
+    def __init__(self, cost_class: float = 1.0, cost_mask: float = 20.0, cost_dice: float = 1.0) -> None:
+        super().__init__()
+        self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
+
+    @torch.no_grad()
+    def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
+        """outputs["pred_logits"]: [B, N, K+1], outputs["pred_masks"]: [B, N, h, w] -> B costs [N, n_b].
+
+        Ground-truth masks are padded to the batch's largest segment count so all images are costed in
+        one batched matrix product; the padding columns are cut off before the assignment.
+        """
+        logits = outputs["pred_logits"].float()
+        masks = outputs["pred_masks"].float()
+        batch, num_queries = logits.shape[:2]
+        check_targets(targets, batch)
+        sizes = [len(t["labels"]) for t in targets]
+        most = max(sizes, default=0)
+        if most == 0:
+            return [logits.new_zeros(num_queries, 0) for _ in targets]
+        height, width = masks.shape[-2:]
+        labels = torch.zeros(batch, most, dtype=torch.int64, device=logits.device)
+        gt = logits.new_zeros(batch, most, height * width)
+        for b, (t, n) in enumerate(zip(targets, sizes)):
+            if n:
+                labels[b, :n] = t["labels"]
+                # Costs are computed at the prediction's resolution (H/4 x W/4): cheap, and no gradient.
+                small = F.interpolate(t["masks"][None].float(), size=(height, width), mode="nearest")[0]
+                gt[b, :n] = small.flatten(1).to(gt.device)
+
+        # -p_i(c_j) rather than DETR's -log p_i(c_j): the probability lies in [0, 1] like the dice cost
+        # and the per-pixel focal mean, so no term can dominate the others by going to infinity.
+        prob = logits.softmax(-1)                                               # [B, N, K+1]
+        cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
+        flat = masks.flatten(2)                                                 # [B, N, h*w]
+        cost = (self.cost_class * cost_class + self.cost_mask * pairwise_focal(flat, gt)
+                + self.cost_dice * pairwise_dice(flat, gt))                     # [B, N, max n]
+        return [cost[b, :, :n] for b, n in enumerate(sizes)]
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> Indices:
+        return assign(self.cost_matrices(outputs, targets))
+
+
+class FixedMatcher(nn.Module):
+    """MaskFormer-fixed (Table 4a): N = K; query i <-> the segment of class i, "no object" if absent.
+
+    Semantic targets hold one segment per class. With instance-level targets (several segments of one
+    class) a class-indexed query can only stand for one of them: we take the largest, so that the
+    supervised mask covers most of the class's pixels; the others stay unmatched (no mask loss).
+    Merge instances into one mask per class beforehand to supervise all of them.
+    """
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> Indices:
+        batch, num_queries, num_logits = outputs["pred_logits"].shape
+        num_classes = num_logits - 1
+        if num_queries != num_classes:
+            raise ValueError(f"FixedMatcher: needs as many queries as classes, got N={num_queries}, "
+                             f"K={num_classes}")
+        check_targets(targets, batch)
+        indices = []
+        for b, t in enumerate(targets):
+            labels = t["labels"].cpu()
+            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+                raise ValueError(f"targets[{b}]['labels']: expected values in [0, {num_classes}), "
+                                 f"got {labels.tolist()}")
+            areas = t["masks"].flatten(1).float().sum(1).cpu()
+            classes = labels.unique()                                  # sorted: query i = class i
+            chosen = [int(torch.nonzero(labels == c)[areas[labels == c].argmax()]) for c in classes]
+            indices.append((classes.to(torch.int64), torch.tensor(chosen, dtype=torch.int64)))
+        return indices
+
+
+class BoxMatcher(nn.Module):
+    """DETR's bipartite matching on class, L1 box and GIoU costs (box-matching ablation, Table 5)."""
+
+    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0) -> None:
+        super().__init__()
+        self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
+
+    @torch.no_grad()
+    def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
+        """outputs["pred_logits"]: [B, N, K+1], outputs["pred_boxes"]: [B, N, 4] -> B costs [N, n_b]."""
+        if "pred_boxes" not in outputs:
+            raise ValueError("BoxMatcher: outputs has no 'pred_boxes'; build the model with a box head")
+        batch, num_queries = outputs["pred_logits"].shape[:2]
+        check_targets(targets, batch)
+        sizes = [len(t["labels"]) for t in targets]
+        prob = outputs["pred_logits"].float().flatten(0, 1).softmax(-1)       # [B*N, K+1]
+        boxes = outputs["pred_boxes"].float().flatten(0, 1)                   # [B*N, 4]
+        if sum(sizes) == 0:
+            return [prob.new_zeros(num_queries, 0) for _ in targets]
+        # Boxes are cheap, so cost every prediction against every box of the batch and keep the
+        # diagonal blocks (same image), as DETR does.
+        labels = torch.cat([t["labels"] for t in targets]).to(prob.device)
+        gt_boxes = torch.cat([target_boxes(t) for t in targets]).to(prob.device)
+        cost = (self.cost_class * -prob[:, labels] + self.cost_bbox * torch.cdist(boxes, gt_boxes, p=1)
+                - self.cost_giou * pairwise_giou(boxes, gt_boxes)).view(batch, num_queries, -1)
+        return [block[b] for b, block in enumerate(cost.split(sizes, dim=-1))]
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict]) -> Indices:
+        return assign(self.cost_matrices(outputs, targets))
+
+
+__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "pairwise_focal", "pairwise_dice",
+           "assign", "check_targets"]

@@ -1,0 +1,117 @@
+"""Named presets `<dataset>-<model>-<backbone>` for every model of the paper's tables, plus small CPU ones.
+
+A preset bundles the three configs a run needs: `model` (ModelConfig), `loss` (LossConfig) and `train`
+(TrainConfig). Dataset facts (classes, crop, schedule) come from REFERENCE.md "Training".
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .config import LossConfig, ModelConfig, TrainConfig
+
+
+@dataclass
+class Preset:
+    name: str
+    model: ModelConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _short_sides(base: int) -> tuple[int, ...]:
+    """Short-side jitter of the paper: base * {0.5, 0.6, ..., 2.0}."""
+    return tuple(int(base * s / 10) for s in range(5, 21))
+
+
+# dataset -> (num_classes, TrainConfig fields); REFERENCE.md "Training" and "Data on disk"
+DATASETS: dict[str, tuple[int, dict]] = {
+    "ade20k": (150, dict(dataset="ade20k", iters=160_000)),
+    "ade20k-full": (847, dict(dataset="ade20k-full", iters=200_000)),
+    "coco-stuff": (171, dict(dataset="coco-stuff", iters=60_000, batch_size=32, crop_size=(640, 640),
+                             short_sides=_short_sides(640), max_size=2560, test_short_side=640)),
+    "cityscapes": (19, dict(dataset="cityscapes", iters=90_000, crop_size=(512, 1024),
+                            short_sides=_short_sides(1024), max_size=4096, test_short_side=1024)),
+    "mapillary": (65, dict(dataset="mapillary", iters=300_000, crop_size=(1280, 1280),
+                           short_sides=_short_sides(2048), max_size=8192, test_short_side=2048)),
+    "coco-panoptic": (133, dict(dataset="coco-panoptic", iters=554_400, batch_size=64, lr_schedule="step",
+                                lr_steps=(369_600,), crop_size=(800, 1216),  # eval-size canvas; DETR aug
+                                short_sides=tuple(range(480, 801, 32)), max_size=1333, test_short_side=800)),
+    "ade20k-panoptic": (150, dict(dataset="ade20k-panoptic", iters=720_000, crop_size=(640, 640),
+                                  short_sides=_short_sides(640), max_size=2560, test_short_side=640,
+                                  object_mask_threshold=0.7)),
+}
+PANOPTIC = ("coco-panoptic", "ade20k-panoptic")
+MODELS = ("maskformer", "maskformer-fixed", "maskformer-boxmatch", "perpixel", "perpixelplus")
+BACKBONES = ("r50", "r101", "r101c", "swin-t", "swin-s", "swin-b", "swin-l")
+SWIN_TRAIN = dict(lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0, warmup_iters=1500)
+
+# Small presets that train in minutes on a laptop CPU, on the generated synthetic scenes (64x64).
+SMALL_MODEL = dict(conv_dim=64, mask_dim=64, hidden_dim=64, nheads=4, dim_feedforward=256, gn_groups=8,
+                   num_queries=20, dropout=0.0)
+SMALL_DATASETS: dict[str, tuple[int, dict]] = {
+    "synthetic": (32, dict(dataset="synthetic", iters=800, crop_size=(64, 64), short_sides=(48, 56, 64, 72, 80),
+                           max_size=160, test_short_side=64, tta_short_sides=(48, 64, 80), lr=1e-3,
+                           backbone_lr_mult=1.0, clip_grad_norm=1.0)),
+    "synthetic-panoptic": (32, dict(dataset="synthetic-panoptic", iters=800, crop_size=(64, 64),
+                                    short_sides=(48, 56, 64, 72, 80), max_size=160, test_short_side=64,
+                                    tta_short_sides=(48, 64, 80), lr=1e-3, backbone_lr_mult=1.0,
+                                    clip_grad_norm=1.0)),
+}
+SMALL_BACKBONES = ("tiny", "r18")
+
+
+def _model_variant(model: str, num_classes: int, base: ModelConfig) -> tuple[ModelConfig, LossConfig]:
+    """Model/loss configs of one of MODELS on top of a base config."""
+    r = dataclasses.replace
+    if model == "maskformer":
+        return base, LossConfig()
+    if model == "maskformer-fixed":  # Table 4a: N = K, query i <-> class i
+        return r(base, num_queries=num_classes), LossConfig(matcher="fixed")
+    if model == "maskformer-boxmatch":  # Table 5: DETR box head and box costs
+        return r(base, box_head=True), LossConfig(matcher="box")
+    if model == "perpixel":
+        return r(base, arch="perpixel"), LossConfig(matcher="perpixel")
+    if model == "perpixelplus":
+        return r(base, arch="perpixelplus", num_queries=num_classes), LossConfig(matcher="perpixel")
+    raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+
+
+def _make(dataset: str, model: str, backbone: str, num_classes: int, train_fields: dict, small: bool) -> Preset:
+    train = dict(train_fields)
+    base = ModelConfig(backbone=backbone, num_classes=num_classes, **(SMALL_MODEL if small else {}))
+    if backbone.startswith("swin"):
+        base = dataclasses.replace(base, drop_path=0.3)
+        train.update(SWIN_TRAIN)
+        if backbone in ("swin-b", "swin-l") and dataset == "ade20k":  # Table 1: Swin-B/L at 640
+            train.update(crop_size=(640, 640), short_sides=_short_sides(640), max_size=2560, test_short_side=640)
+    if dataset in PANOPTIC and backbone in ("r50", "r101"):
+        base = dataclasses.replace(base, enc_layers=6)  # "R50/R101 + 6 Enc"
+    model_cfg, loss_cfg = _model_variant(model, num_classes, base)
+    name = f"{dataset}-{model}-{backbone}"
+    return Preset(name, model_cfg, loss_cfg, TrainConfig(**train))
+
+
+def _all_presets() -> dict[str, Preset]:
+    presets = {}
+    for table, backbones, small in ((DATASETS, BACKBONES, False), (SMALL_DATASETS, SMALL_BACKBONES, True)):
+        for dataset, (k, train) in table.items():
+            for model in MODELS:
+                for backbone in backbones:
+                    p = _make(dataset, model, backbone, k, train, small)
+                    presets[p.name] = p
+    return presets
+
+
+PRESETS: dict[str, Preset] = _all_presets()
+
+
+def get_preset(name: str) -> Preset:
+    """A fresh copy of the named preset (callers may modify it)."""
+    if name not in PRESETS:
+        close = [n for n in PRESETS if name.split("-")[0] in n][:8]
+        raise ValueError(f"unknown preset {name!r}; names are <dataset>-<model>-<backbone>, e.g. "
+                         f"ade20k-maskformer-r50 or synthetic-maskformer-tiny; similar: {close}")
+    return dataclasses.replace(PRESETS[name], model=dataclasses.replace(PRESETS[name].model),
+                               loss=dataclasses.replace(PRESETS[name].loss),
+                               train=dataclasses.replace(PRESETS[name].train))
