@@ -25,12 +25,17 @@ TRAIN_FLAGS = {"iters": int, "batch_size": int, "lr": float, "amp": str, "grad_a
 
 
 def _train(args: argparse.Namespace) -> None:
+    from .distributed import cleanup, is_main_process
     from .train import train
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    result = train(args.preset, args.output, args.data_root, train_overrides=overrides, resume=args.resume,
-                   progress=args.progress, device=args.device, stop_at=args.stop_at)
-    if result["eval"] is not None and args.progress != "off":
+    try:
+        result = train(args.preset, args.output, args.data_root, train_overrides=overrides, resume=args.resume,
+                       progress=args.progress, device=args.device, stop_at=args.stop_at)
+        main_process = is_main_process()
+    finally:
+        cleanup()  # leave the torchrun process group (no-op in a single process)
+    if result["eval"] is not None and args.progress != "off" and main_process:
         sem = result["eval"]["semantic"]
         print(f"{args.preset}: iteration {result['iteration']}, val mIoU {sem['mIoU']:.2f}, PQ^St {sem['PQ_St']:.2f}; "
               f"checkpoint {result['checkpoint']}")

@@ -101,7 +101,7 @@ def read_released(path: str | Path, allow_pickle: bool = False) -> dict[str, Ten
     weights = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, np.ndarray) for v in weights.values()):
         raise ValueError(f"{path}: expected a dict with a 'model' entry mapping names to numpy arrays")
-    return {k: torch.from_numpy(np.array(v))  # a writable copy for k, v in weights.items()}
+    return {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}  # np.array: a writable copy
 
 
 def _apply(rules: list, name: str) -> str | None:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from . import distributed as du
 from .checkpoint import config_dict, configs_from_checkpoint, load_checkpoint, load_model_state, write_json
 from .config import TrainConfig, override
+from .data.datasets import PanopticSegDataset
 from .inference import (PIXEL_MEAN_RGB, pad_images, panoptic_inference, postprocess_masks, predict_semantic,
                         predict_semantic_tta, resize_shortest_edge, semantic_inference)
 from .metrics import PQAccumulator, SemSegEvaluator, semantic_categories
@@ -38,15 +39,18 @@ def mask_predictions(model: nn.Module, image: Tensor, output_size: tuple[int, in
     return outputs["pred_logits"][0], masks
 
 
-def _merge_pq(acc: PQAccumulator) -> None:
-    """Sum the PQ counts of all processes into `acc`."""
+def _gather_pq(acc: PQAccumulator) -> PQAccumulator:
+    """An accumulator holding the PQ counts of all processes (`acc` itself in a single process)."""
     if not du.is_initialized():
-        return
+        return acc
     gathered: list[Any] = [None] * du.get_world_size()
     torch.distributed.all_gather_object(gathered, acc.stats)
-    acc.stats = {c: {"tp": 0, "fp": 0, "fn": 0, "iou": 0.0} for c in acc.stats}
+    total = PQAccumulator(acc.categories)
     for stats in gathered:
-        acc._add_stats(stats)
+        part = PQAccumulator(acc.categories)
+        part.stats = stats
+        total.merge(part)
+    return total
 
 
 def _pq_summary(result: dict, names: list[str], suffix: str) -> dict:
@@ -66,8 +70,6 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
     "PQ_St", "SQ", "RQ", "per_class"}}; values in percent.
     """
-    from .data.datasets import PanopticSegDataset
-
     was_training = model.training
     model.eval()
     k, names = dataset.num_classes, list(dataset.class_names)
@@ -106,8 +108,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
 
     semseg.sync()
     sem = semseg.compute()
-    _merge_pq(pq_st)
-    st = _pq_summary(pq_st.compute(), names, "_St")
+    st = _pq_summary(_gather_pq(pq_st).compute(), names, "_St")
     st_rows = {row["id"]: row for row in st.pop("per_class")}
     nan = float("nan")
     per_class = [{"id": c, "name": names[c], "iou": iou,
@@ -116,8 +117,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     result: dict = {"num_images": count, "semantic": {"mIoU": sem["mIoU"], "pixel_acc": sem["pixel_acc"],
                                                       "mAcc": sem["mAcc"], **st, "per_class": per_class}}
     if pq is not None:
-        _merge_pq(pq)
-        pan = pq.compute()
+        pan = _gather_pq(pq).compute()
         result["panoptic"] = {**_pq_summary(pan, names, ""), "PQ_Th": pan["Things"]["pq"], "PQ_St": pan["Stuff"]["pq"]}
     return result
 

@@ -34,16 +34,21 @@ def check_targets(targets: list[dict], batch_size: int) -> None:
 
 
 def pairwise_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Per-pixel mean sigmoid focal loss of every (prediction, target) pair, by two matrix products.
+    """Per-pixel mean sigmoid focal loss of every (prediction, target) pair, by one matrix product.
 
     logits: [..., N, P], targets: [..., M, P] in {0, 1} -> [..., N, M].
     focal(x, t) = t * a (1-p)^g (-log p) + (1-t) * (1-a) p^g (-log(1-p)), p = sigmoid(x); it is linear
-    in t, so the sum over pixels for all pairs is pos @ t^T + neg @ (1-t)^T.
+    in t, so the sum over pixels for all pairs is pos @ t^T + neg @ (1-t)^T = (pos - neg) @ t^T + sum(neg).
     """
-    prob = logits.sigmoid()
-    pos = alpha * (1 - prob) ** gamma * F.softplus(-logits)   # softplus(-x) = -log sigmoid(x)
-    neg = (1 - alpha) * prob ** gamma * F.softplus(logits)    # softplus(x) = -log(1 - sigmoid(x))
-    total = pos @ targets.transpose(-1, -2) + neg @ (1 - targets).transpose(-1, -2)
+    return _pairwise_focal(logits, logits.sigmoid(), targets, alpha, gamma)
+
+
+def _pairwise_focal(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    neg_log = F.softplus(logits)                              # softplus(x) = -log(1 - sigmoid(x))
+    neg = prob.pow(gamma).mul_(neg_log).mul_(1 - alpha)
+    # softplus(-x) = softplus(x) - x = -log sigmoid(x): one softplus serves both terms
+    pos = torch.rsub(prob, 1).pow_(gamma).mul_(neg_log.sub_(logits)).mul_(alpha)
+    total = pos.sub_(neg) @ targets.transpose(-1, -2) + neg.sum(-1)[..., None]
     return total / logits.shape[-1]
 
 
@@ -52,7 +57,10 @@ def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
 
     logits: [..., N, P], targets: [..., M, P] -> [..., N, M].
     """
-    prob = logits.sigmoid()
+    return _pairwise_dice(logits.sigmoid(), targets)
+
+
+def _pairwise_dice(prob: Tensor, targets: Tensor) -> Tensor:
     numerator = 2 * prob @ targets.transpose(-1, -2) + 1
     denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :] + 1
     return 1 - numerator / denominator
@@ -101,8 +109,9 @@ class HungarianMatcher(nn.Module):
         prob = logits.softmax(-1)                                               # [B, N, K+1]
         cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
         flat = masks.flatten(2)                                                 # [B, N, h*w]
-        cost = (self.cost_class * cost_class + self.cost_mask * pairwise_focal(flat, gt)
-                + self.cost_dice * pairwise_dice(flat, gt))                     # [B, N, max n]
+        prob = flat.sigmoid()                                                   # shared by both mask costs
+        cost = (self.cost_class * cost_class + self.cost_mask * _pairwise_focal(flat, prob, gt, 0.25, 2.0)
+                + self.cost_dice * _pairwise_dice(prob, gt))                    # [B, N, max n]
         return [cost[b, :, :n] for b, n in enumerate(sizes)]
 
     @torch.no_grad()

@@ -63,7 +63,8 @@ def ensure_synthetic(root: Path) -> Path:
     from .presets import SMALL_DATASETS
 
     tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    make_synthetic(tmp, num_classes=SMALL_DATASETS["synthetic"][0])  # the small presets' K, default sizes
+    # the small presets' K, and the sizes data/README.md documents for the default set
+    make_synthetic(tmp, num_classes=SMALL_DATASETS["synthetic"][0], num_train=2000, num_val=300)
     try:
         os.rename(tmp, root)
     except OSError:  # another process finished first; its copy is identical (fixed seed)

@@ -116,7 +116,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     train_overrides / model_overrides: TrainConfig / ModelConfig fields to change, e.g. {"iters": 20}.
     resume: continue the run saved in output_dir/last.pt (its config must match, except RUN_LEVEL fields).
     progress: "auto" (in-place line on a terminal, else log lines), "log" (one line per log_period), "off".
-    stop_at: stop after this iteration as an interruption would (checkpoint, then return).
+    stop_at: stop once this many iterations are done, as an interruption would (checkpoint, then return);
+        0 saves the untrained model.
     Returns {"status": "finished" | "stopped" | "interrupted", "iteration", "checkpoint", "eval", "config"}.
     """
     if progress not in ("auto", "log", "off"):
@@ -149,7 +150,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     run_config = config_dict(base.name, model_cfg, base.loss, cfg)
 
     seed_everything(cfg.seed)  # identical initial weights on every process
-    model = build_model(model_cfg).to(device)
+    # a resumed run takes every weight from its checkpoint: the pretrained backbone file is not read again
+    model = build_model(override(model_cfg, pretrained=None) if resume else model_cfg).to(device)
     seed_everything(cfg.seed + rank)
     loss_cfg = base.loss
     criterion = build_criterion(loss_cfg.matcher, model_cfg.num_classes, model_cfg.num_queries,
@@ -220,6 +222,9 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     tic = time.perf_counter()
     with StopRequest() as stop:
         while it < cfg.iters:
+            if stop_at is not None and it >= stop_at:  # stop_at=0 saves the untrained model
+                status = "stopped"
+                break
             net.train()
             nonfinite, data_time, terms = [], 0.0, {}
             for m in range(cfg.grad_accum):
@@ -236,7 +241,7 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
                     loss = total_loss(losses, criterion.weight_dict)
                     scaler.scale(loss / cfg.grad_accum).backward()
                 if not torch.isfinite(loss):
-                    nonfinite.append({k: float(v) for k, v in losses.items() if not torch.isfinite(v)} or float(loss))
+                    nonfinite.append({k: v.item() for k, v in losses.items() if not torch.isfinite(v)} or loss.item())
                 for k in ("loss_ce", "loss_mask", "loss_dice"):
                     if k in losses:
                         terms[k] = terms.get(k, 0.0) + losses[k].item() / cfg.grad_accum
@@ -258,28 +263,27 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             it += 1
-            window.append({**terms, "lr": lr, "grad_norm": float(grad_norm), "data_sec": data_time})
-            if main and (it % cfg.log_period == 0 or it == cfg.iters):
+            window.append({**terms, "grad_norm": float(grad_norm), "data_sec": data_time})
+            if it % cfg.log_period == 0 or it == cfg.iters:  # rank 0's averages over the last log_period steps
                 toc = time.perf_counter()
                 record = {"type": "train", "iter": it, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
-                          "sec_per_iter": (toc - tic) / len(window)}
-                record["lr"] = lr  # the latest rate, not the window's mean
+                          "lr": lr, "sec_per_iter": (toc - tic) / len(window)}
                 record["eta_sec"] = record["sec_per_iter"] * (cfg.iters - it)
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-                _append_jsonl(metrics_path, record)
-                _show(progress, f"iter {it}/{cfg.iters}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
-                                f"{record['sec_per_iter']:.2f}s/it  eta {record['eta_sec'] / 60:.1f} min")
+                if main:
+                    _append_jsonl(metrics_path, record)
+                    _show(progress, f"iter {it}/{cfg.iters}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                                    f"{record['sec_per_iter']:.2f}s/it  eta {record['eta_sec'] / 60:.1f} min")
                 window, tic = [], toc
             if cfg.eval_period and it % cfg.eval_period == 0 and it < cfg.iters:
                 run_eval(it)
-            interrupted, stopped = bool(flags[1]), stop_at is not None and it >= stop_at
-            if it % cfg.checkpoint_period == 0 or it == cfg.iters or interrupted or stopped:
+            interrupted = bool(flags[1])
+            if it % cfg.checkpoint_period == 0 or it == cfg.iters or interrupted:
                 save(it)
                 last_saved = it
-            if interrupted or stopped:
-                status = "interrupted" if interrupted else "stopped"
-                _show(progress, f"{status} at iteration {it}; resume with --resume ({ckpt_path})", final=True)
+            if interrupted:
+                status = "interrupted"
                 break
     del data_iter  # shuts the loader's worker processes down
     result = None
@@ -287,6 +291,10 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
         result = run_eval(it)
         if main:
             write_json(output_dir / "eval_val.json", {"iteration": it, "metrics": result, "config": run_config})
+    else:
+        if last_saved != it:
+            save(it)
+        _show(progress, f"{status} at iteration {it}; continue with --resume ({ckpt_path})", final=True)
     return {"status": status, "iteration": it, "checkpoint": str(ckpt_path), "eval": result, "config": run_config,
             "signal": stop.signum}
 

@@ -4,7 +4,8 @@
     build_train_transform(...), build_eval_transform(...), collate(batch)
     make_synthetic(out_dir, ...), make_classification_set(out_dir, ...)
 """
-from mfcore.data.datasets import DATASETS, PanopticSegDataset, SegmentationDataset, SemanticSegDataset, build_dataset
+from mfcore.data.base import PanopticSegDataset, SegmentationDataset, SemanticSegDataset
+from mfcore.data.datasets import DATASETS, build_dataset
 from mfcore.data.synthetic import ClassDesign, design_classes, render_scene
 from mfcore.data.synthetic_writer import make_classification_set, make_synthetic
 from mfcore.data.transforms import (

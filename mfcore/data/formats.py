@@ -86,7 +86,10 @@ def write_image(path: str | Path, image: np.ndarray) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"quality": 95} if path.suffix.lower() in (".jpg", ".jpeg") else {}
-    Image.fromarray(np.asarray(image, dtype=np.uint8), mode="RGB").save(path, **options)
+    image = np.asarray(image, dtype=np.uint8)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3] to write to {path}, got shape {image.shape}")
+    Image.fromarray(image).save(path, **options)
 
 
 def write_label(path: str | Path, label: np.ndarray) -> None:

@@ -1,7 +1,7 @@
 """Training / evaluation augmentation, mask-classification targets and batch collation.
 
 A *sample* travelling through the transforms is a dict of torchvision tv_tensors so that one
-geometric operation moves image and labels together (tv_tensors.Mask is always resized with
+geometric operation moves image and labels together (masks are resized with pixel-centre
 nearest-neighbour interpolation, so label values are never blended):
 
     "image":   tv_tensors.Image uint8 [3, H, W], RGB
@@ -98,7 +98,10 @@ class ResizeShortestEdge:
             if isinstance(value, tv_tensors.Image):
                 out[key] = F.resize(value, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
             elif isinstance(value, tv_tensors.Mask) and self.resize_labels:
-                out[key] = F.resize(value, size)  # masks: always nearest-neighbour
+                # Pixel-centre nearest neighbour, like PIL's NEAREST: torchvision's default
+                # NEAREST for masks samples the top-left source pixel and would shift the labels
+                # by up to half an input pixel against the bilinearly resized image.
+                out[key] = F.resize(value, size, interpolation=v2.InterpolationMode.NEAREST_EXACT)
         return out
 
 

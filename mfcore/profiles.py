@@ -1,0 +1,64 @@
+"""Profiles: how big the notebooks' experiments are. One notebook, three scales, chosen by papermill.
+
+    smoke  the tests: every notebook end to end in about a minute (numbers meaningless)
+    quick  the embedded default: a laptop CPU, all notebooks in under 25 minutes on 2 cores
+    gpu    larger synthetic scenes on one GPU, sized to show the paper's trends (under 1 hour on an H100)
+    paper  the paper's presets on the real datasets (data_root), full schedules, many GPUs via torchrun
+
+Synthetic profiles train the small presets (`synthetic-<model>-<backbone>`) from one backbone pretrained
+once on synthetic classification (mfcore.pretrain), the way the paper starts every model from ImageNet.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from .pretrain import PretrainConfig
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    synthetic: bool = True                 # False: the paper's presets on real data under data_root
+    backbone: str = "tiny"                 # small preset backbone (synthetic profiles)
+    image_size: int = 64                   # synthetic scene size
+    num_train: int = 2000                  # synthetic training scenes per dataset
+    num_val: int = 200                     # synthetic validation scenes
+    class_counts: tuple[int, ...] = (8, 32, 128)  # K settings of Table 2's trend (>= 3)
+    base_classes: int = 32                 # K of the other ablations
+    query_counts: tuple[int, ...] = (10, 20, 50)  # number-of-queries ablation (base: 20)
+    num_queries: int = 20                  # N of MaskFormer runs
+    iters: int = 300                       # optimiser steps per training run
+    batch_size: int = 16
+    lr: float = 1e-3
+    seeds: tuple[int, ...] = (0,)          # the tables report the median over seeds
+    eval_images: int | None = None         # None: the whole val split
+    pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
+    device: str = "auto"
+
+    def describe(self) -> str:
+        if not self.synthetic:
+            return f"profile {self.name}: the paper's presets on real data, full schedules, seeds {list(self.seeds)}"
+        return (f"profile {self.name}: synthetic {self.image_size}x{self.image_size} scenes "
+                f"({self.num_train} train / {self.num_val} val), backbone {self.backbone} pretrained "
+                f"{self.pretrain.iters} iters on synthetic classification, {self.iters} iters x batch "
+                f"{self.batch_size} per model, seeds {list(self.seeds)}")
+
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile("smoke", num_train=64, num_val=16, class_counts=(4, 8, 16), base_classes=8,
+                     query_counts=(4, 8), num_queries=8, iters=4, batch_size=4,
+                     pretrain=PretrainConfig(num_primitives=5, num_train=64, num_val=16, iters=4, batch_size=16)),
+    "quick": Profile("quick", pretrain=PretrainConfig(num_train=6000, num_val=400, iters=600)),
+    "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 32, 128, 256), base_classes=128,
+                   query_counts=(20, 50, 100, 200), num_queries=100, iters=8000, batch_size=32, seeds=(0, 1, 2),
+                   pretrain=PretrainConfig(num_primitives=23, num_train=50000, num_val=2000, iters=6000,
+                                           batch_size=256), device="cuda"),
+    "paper": Profile("paper", synthetic=False, seeds=(0, 1, 2), num_queries=100, device="cuda"),
+}
+
+
+def get_profile(name: str) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}: expected one of {sorted(PROFILES)}")
+    return PROFILES[name]

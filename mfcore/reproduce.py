@@ -1,0 +1,60 @@
+"""The main job: execute every numbered notebook headless with papermill, in order, on one profile.
+
+    python -m mfcore reproduce --profile quick      (make reproduce; PROFILE=gpu|paper to scale up)
+
+Each notebook gets the same parameters (profile, results_dir, data_root, device, progress="log",
+interactive=False) and writes its tables and figures itself (atomically). Executed copies go to
+`results/executed/<profile>/` (git-ignored). A failing notebook stops the pipeline with the notebook and
+cell named; its executed copy is kept for inspection. Finished training runs are cached, so a rerun
+only does what is missing.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .checkpoint import git_commit, write_json
+from .experiments import REPO, make_context
+
+NOTEBOOKS = REPO / "notebooks"
+
+
+def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
+    """The numbered notebooks `NN_name.ipynb`, in order."""
+    found = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not found:
+        raise FileNotFoundError(f"no numbered notebooks (NN_name.ipynb) in {folder}")
+    return found
+
+
+def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
+              nproc_per_node: int = 1, only: list[str] | None = None, folder: Path = NOTEBOOKS) -> dict:
+    """Run the notebooks (all, or those whose name contains one of `only`); returns the timing summary."""
+    import papermill as pm
+    from papermill.exceptions import PapermillExecutionError
+
+    ctx = make_context(profile, results_dir, data_root, device, "log", nproc_per_node)
+    executed = REPO / "results" / "executed" / profile
+    executed.mkdir(parents=True, exist_ok=True)
+    params = dict(profile=profile, results_dir=str(ctx.results_dir), data_root=data_root or "", device=device,
+                  progress="log", interactive=False, nproc_per_node=nproc_per_node)
+    todo = [nb for nb in notebooks(folder) if not only or any(o in nb.name for o in only)]
+    timings, start = {}, time.perf_counter()
+    for i, nb in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
+        t0 = time.perf_counter()
+        out = executed / nb.name
+        try:
+            pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name="python3", progress_bar=False,
+                                log_output=True, cwd=str(nb.parent))
+        except PapermillExecutionError as err:
+            raise RuntimeError(f"notebook {nb.name} failed in cell {err.exec_count} ({err.ename}: {err.evalue}); "
+                               f"the executed copy is kept at {out}") from None
+        timings[nb.name] = round(time.perf_counter() - t0, 1)
+        print(f"[{i}/{len(todo)}] {nb.name} done in {timings[nb.name]:.0f}s", flush=True)
+    summary = {"profile": profile, "notebooks": timings, "wall_seconds": round(time.perf_counter() - start, 1),
+               "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if not only:
+        write_json(Path(ctx.results_dir) / f"reproduce_{profile}.json", summary)
+    print(f"all done in {summary['wall_seconds'] / 60:.1f} min; tables in {Path(ctx.results_dir) / 'tables'}")
+    return summary

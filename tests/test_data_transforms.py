@@ -1,0 +1,176 @@
+"""Augmentation keeps image and labels aligned; targets, padding and collation."""
+from __future__ import annotations
+
+import colorsys
+
+import numpy as np
+import pytest
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from mfcore.data import PIXEL_MEAN, build_eval_transform, build_train_transform, collate
+from mfcore.data.transforms import (
+    PadToSize,
+    PhotometricDistortion,
+    RandomCropCategoryArea,
+    ResizeShortestEdge,
+    panoptic_targets,
+    semantic_targets,
+)
+
+
+def _colour(labels: torch.Tensor) -> torch.Tensor:
+    """Label -> a distinct RGB colour [3, H, W] (uint8); used to check alignment after transforms."""
+    return torch.stack([(labels * 40 + 10) % 256, (labels * 90 + 30) % 256, (labels * 150 + 70) % 256]).to(torch.uint8)
+
+
+def _blocks(h: int, w: int, block: int = 8, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.randint(0, 6, (h // block + 1, w // block + 1), generator=g)
+    return coarse.repeat_interleave(block, 0).repeat_interleave(block, 1)[:h, :w]
+
+
+def _sample(labels: torch.Tensor) -> dict:
+    return {"image": tv_tensors.Image(_colour(labels)), "sem_seg": tv_tensors.Mask(labels.long()),
+            "pan_seg": tv_tensors.Mask((labels * 1000 + 7).int())}
+
+
+def _interior(sem_seg: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Pixels whose (2r+1)^2 neighbourhood lies in the crop and has one label: resizing by a factor
+    >= 1/2 (bilinear, antialiased) blends colours within one output pixel of a label edge only."""
+    padded = torch.nn.functional.pad(sem_seg[None, None].float(), [radius] * 4, value=-1.0)
+    window = padded.unfold(2, 2 * radius + 1, 1).unfold(3, 2 * radius + 1, 1)
+    return (window.amax((-1, -2)) == window.amin((-1, -2)))[0, 0]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_train_transform_keeps_image_and_labels_aligned(seed):
+    torch.manual_seed(seed)
+    labels = _blocks(45, 70, block=10, seed=seed)
+    transform = build_train_transform(crop_size=48, short_sides=[30, 45, 60, 90], max_size=200, photometric=False)
+    out = transform(_sample(labels))
+    image, sem_seg, pan_seg = out["image"], out["sem_seg"], out["pan_seg"]
+    assert image.shape == (3, 48, 48) and sem_seg.shape == pan_seg.shape == (48, 48)
+    valid = sem_seg != 255
+    # panoptic and semantic labels moved together (nearest-neighbour, never blended)
+    assert torch.equal(pan_seg[valid], sem_seg[valid].int() * 1000 + 7) and (pan_seg[~valid] == 0).all()
+    inside = valid & _interior(sem_seg)
+    assert inside.sum() > 150
+    assert torch.equal(image[:, inside], _colour(sem_seg)[:, inside])
+
+
+def test_flip_moves_image_and_labels_together():
+    labels = torch.arange(12).view(3, 4)
+    out = v2.RandomHorizontalFlip(p=1.0)(_sample(labels))
+    assert torch.equal(out["sem_seg"], labels.flip(-1))
+    assert torch.equal(out["image"], _colour(labels.flip(-1)))
+
+
+def test_small_image_is_padded_with_ignore_grey_and_void():
+    labels = _blocks(20, 30)
+    torch.manual_seed(0)
+    out = build_train_transform(crop_size=(32, 40), short_sides=[20], max_size=100, photometric=False,
+                                flip=False)(_sample(labels))
+    assert out["sem_seg"].shape == (32, 40)
+    assert torch.equal(out["sem_seg"][:20, :30], labels)
+    assert (out["sem_seg"][20:] == 255).all() and (out["sem_seg"][:, 30:] == 255).all()
+    assert (out["image"][:, 20:] == 128).all() and (out["pan_seg"][:, 30:] == 0).all()
+    tgt_labels, masks = semantic_targets(out["sem_seg"], 255)
+    assert 255 not in tgt_labels.tolist() and not masks[:, 20:].any()
+
+
+def test_resize_shortest_edge_sizes():
+    resize = ResizeShortestEdge([256], max_size=2048)
+    assert resize.output_size(300, 400, 256) == (256, 341)  # 400 * 256/300 = 341.33
+    assert resize.output_size(100, 1000, 512) == (205, 2048)  # long side capped: scale 2.048
+    assert ResizeShortestEdge([7], None).output_size(2, 3, 7) == (7, 11)  # 10.5 rounds up
+    out = resize(_sample(_blocks(30, 40)))
+    assert out["image"].shape == (3, 256, 341) and out["sem_seg"].shape == (256, 341)
+
+
+def test_eval_transform_resizes_only_the_image():
+    out = build_eval_transform(short_side=64, max_size=1000)(_sample(_blocks(32, 48)))
+    assert out["image"].shape == (3, 64, 96) and out["sem_seg"].shape == (32, 48)
+    assert build_eval_transform(None)(_sample(_blocks(8, 8)))["image"].shape == (3, 8, 8)
+
+
+def test_category_area_crop_avoids_single_class_crops():
+    labels = torch.zeros(40, 40, dtype=torch.long)
+    labels[:, 20:] = 1  # two halves: a random 20x20 crop is single-class about half of the time
+    sample = _sample(labels)
+    crop = RandomCropCategoryArea((20, 20), single_category_max_area=0.75)
+    plain = RandomCropCategoryArea((20, 20), single_category_max_area=1.0)
+    torch.manual_seed(0)
+    constrained = [crop(sample) for _ in range(20)]
+    unconstrained = [plain(sample)["sem_seg"] for _ in range(20)]
+
+    def largest_share(sem_seg: torch.Tensor) -> float:
+        return torch.bincount(sem_seg.flatten(), minlength=2).max().item() / sem_seg.numel()
+
+    assert max(largest_share(out["sem_seg"]) for out in constrained) < 0.75
+    assert max(largest_share(c) for c in unconstrained) >= 0.75
+    for out in constrained:  # the same window was cut from image and labels
+        assert torch.equal(out["image"], _colour(out["sem_seg"]))
+
+
+def test_saturation_matches_hsv_definition():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size=(3, 5, 7)).astype(np.uint8)
+    for alpha in (0.5, 1.4):
+        got = PhotometricDistortion()._saturation(torch.from_numpy(pixels), alpha).numpy()
+        for y in range(5):
+            for x in range(7):
+                h, s, v = colorsys.rgb_to_hsv(*(pixels[:, y, x] / 255.0))
+                expected = np.array(colorsys.hsv_to_rgb(h, min(s * alpha, 1.0), v)) * 255.0
+                assert np.all(np.abs(got[:, y, x] - expected) <= 1.0)
+
+
+def test_photometric_distortion_changes_colours_only():
+    labels = _blocks(16, 16)
+    sample = _sample(labels)
+    changed = 0
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = PhotometricDistortion()(sample)
+        assert out["image"].dtype == torch.uint8 and isinstance(out["image"], tv_tensors.Image)
+        assert torch.equal(out["sem_seg"], sample["sem_seg"])
+        changed += not torch.equal(out["image"], sample["image"])
+    assert changed >= 6  # each of 4 ops fires with p = 0.5: all skipped only 1/16 of the time
+
+
+def test_semantic_and_panoptic_targets():
+    sem = torch.tensor([[3, 3, 255], [0, 3, 255]])
+    labels, masks = semantic_targets(sem, 255)
+    assert labels.tolist() == [0, 3]
+    assert masks.tolist() == [[[0, 0, 0], [1, 0, 0]], [[1, 1, 0], [0, 1, 0]]]
+    pan = torch.tensor([[5, 5, 9], [0, 2, 9]], dtype=torch.int32)
+    segments = [{"id": 5, "category_id": 1, "iscrowd": 0}, {"id": 9, "category_id": 1, "iscrowd": 0},
+                {"id": 2, "category_id": 0, "iscrowd": 1},  # crowd: dropped
+                {"id": 8, "category_id": 4, "iscrowd": 0}]  # cropped away: dropped
+    labels, masks = panoptic_targets(pan, segments)
+    assert labels.tolist() == [1, 1]
+    assert masks.tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1]]]
+
+
+def test_collate_pads_images_labels_and_masks():
+    a = {"image": torch.full((3, 40, 50), 7.0), "sem_seg": torch.zeros(40, 50, dtype=torch.long),
+         "labels": torch.tensor([0]), "masks": torch.ones(1, 40, 50, dtype=torch.bool), "image_id": "a"}
+    b = {"image": torch.full((3, 64, 33), 9.0), "sem_seg": torch.ones(20, 10, dtype=torch.long),  # eval: original size
+         "labels": torch.tensor([1]), "masks": torch.ones(1, 20, 10, dtype=torch.bool), "image_id": "b"}
+    images, targets = collate([a, b])
+    assert images.shape == (2, 3, 64, 64)
+    assert (images[0, :, :40, :50] == 7).all() and (images[1, :, :, :33] == 9).all()
+    assert torch.allclose(images[0, :, 50, 0], torch.tensor(PIXEL_MEAN))
+    assert targets[0]["sem_seg"].shape == (64, 64) and (targets[0]["sem_seg"][40:] == 255).all()
+    assert targets[0]["masks"].shape == (1, 64, 64) and targets[0]["masks"].sum() == 40 * 50
+    assert targets[1]["sem_seg"].shape == (20, 10)  # not the image's size: left untouched
+    assert targets[0]["image_size"] == (40, 50) and targets[1]["image_size"] == (64, 33)
+    assert targets[1]["image_id"] == "b" and "image" not in targets[1]
+    with pytest.raises(ValueError, match="empty batch"):
+        collate([])
+
+
+def test_pad_to_size_leaves_large_images_alone():
+    out = PadToSize((8, 8))(_sample(_blocks(10, 12)))
+    assert out["image"].shape == (3, 10, 12)
