@@ -178,3 +178,15 @@ def _normalise(value: Any) -> Any:
 __all__ = ["git_commit", "capture_rng_state", "restore_rng_state", "config_dict", "configs_from_checkpoint",
            "save_checkpoint", "json_safe", "write_json", "load_checkpoint", "state_dict_mismatch", "load_model_state",
            "config_differences"]
+
+
+def load_trained_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """The model a checkpoint was trained as, with its weights, in eval mode: (model, checkpoint dict)."""
+    from .config import override
+    from .models import build_model
+
+    ckpt = load_checkpoint(path)
+    _, model_cfg, _, _ = configs_from_checkpoint(ckpt)
+    model = build_model(override(model_cfg, pretrained=None))  # weights come from the checkpoint
+    load_model_state(model, ckpt["model"], str(path))
+    return model.eval(), ckpt

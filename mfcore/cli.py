@@ -5,6 +5,9 @@ import argparse
 import json
 import sys
 
+from .data.synthetic_writer import add_cli_arguments as add_synthetic_arguments
+from .data.synthetic_writer import main as make_synthetic_main
+
 
 def _analyze(args: argparse.Namespace) -> None:
     from .analysis import analyze
@@ -24,14 +27,30 @@ TRAIN_FLAGS = {"iters": int, "batch_size": int, "lr": float, "amp": str, "grad_a
                "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
 
 
+def _parse_sets(items: list[str]) -> dict:
+    """["num_queries=50", "memory_feature=\"res3\""] -> ModelConfig overrides (values are JSON, else text)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set num_queries=50")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def _train(args: argparse.Namespace) -> None:
     from .distributed import cleanup, is_main_process
     from .train import train
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
+    model_overrides = _parse_sets(args.set)
     try:
-        result = train(args.preset, args.output, args.data_root, train_overrides=overrides, resume=args.resume,
-                       progress=args.progress, device=args.device, stop_at=args.stop_at)
+        result = train(args.preset, args.output, args.data_root, train_overrides=overrides,
+                       model_overrides=model_overrides, resume=args.resume, progress=args.progress,
+                       device=args.device, stop_at=args.stop_at)
         main_process = is_main_process()
     finally:
         cleanup()  # leave the torchrun process group (no-op in a single process)
@@ -47,7 +66,7 @@ def _evaluate(args: argparse.Namespace) -> None:
     from .evaluate import evaluate
 
     result = evaluate(args.checkpoint, args.data_root, tta=args.tta, split=args.split, output=args.output,
-                      device=args.device, max_images=args.max_images)
+                      device=args.device, max_images=args.max_images, inference=args.inference)
     for task, metrics in result["metrics"].items():
         if isinstance(metrics, dict):
             print(task + ": " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
@@ -62,6 +81,13 @@ def _convert(args: argparse.Namespace) -> None:
     summary = convert_checkpoint(args.pkl, args.out, args.preset, allow_pickle=args.allow_pickle)
     print(f"converted {summary['converted']} tensors into {summary['output']}; skipped {summary['skipped']}; "
           f"unused released names: {summary['unexpected'] or 'none'}")
+
+
+def _bench(args: argparse.Namespace) -> None:
+    from .bench import main as bench
+
+    bench(device=args.device, threads=args.threads, reps=args.reps, warmup=args.warmup, quick=args.quick,
+          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", choices=("auto", "log", "off"), default="auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--stop-at", type=int, help="save and stop after this iteration (resume later)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a ModelConfig field, e.g. --set num_queries=50 (repeatable)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="mIoU / PQ of a checkpoint; writes JSON next to it")
@@ -94,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="JSON path (default: eval_<split>[_tta].json next to the checkpoint)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, help="score only the first N images")
+    p.add_argument("--inference", choices=("semantic", "general"), default="semantic",
+                   help="general: Table VII's panoptic-style inference read out as a semantic map")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("convert-checkpoint", help="import the authors' released detectron2 .pkl")
@@ -103,7 +133,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow unpickling the file (unpickling can run code: only for files you trust)")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("bench", help="speed and memory against transformers' MaskFormer (benchmarks/README.md)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's current setting)")
+    p.add_argument("--reps", type=int, help="timed repetitions per case (default: 7 on CPU, 20 on GPU, 1 quick)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per side before timing")
+    p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition (writes <device>-quick.*)")
+    p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
+    p.add_argument("--no-transformers", action="store_true", help="time mfcore alone")
+    p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
+    p.set_defaults(func=_bench)
+
+    p = sub.add_parser("make-synthetic", help="write synthetic scenes in the ADE20K and COCO panoptic layouts")
+    add_synthetic_arguments(p)
+    p.set_defaults(func=make_synthetic_main)
+
+    p = sub.add_parser("reproduce", help="the main job: run every notebook headless with papermill")
+    p.add_argument("--profile", default="quick", help="smoke | quick | gpu | paper")
+    p.add_argument("--results-dir", default="", help="default: results/ (quick) or results/<profile>/")
+    p.add_argument("--data-root", default="", help="paper profile: folder with one sub-folder per dataset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--nproc-per-node", type=int, default=1, help=">1: training runs go through torchrun")
+    p.add_argument("--only", nargs="*", help="run only the notebooks whose names contain these strings")
+    p.set_defaults(func=_reproduce)
     return parser
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from .reproduce import reproduce
+
+    reproduce(args.profile, args.results_dir, args.data_root or None, args.device, args.nproc_per_node, args.only)
 
 
 def main(argv: list[str] | None = None) -> None:

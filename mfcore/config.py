@@ -27,6 +27,8 @@ class ModelConfig:
     dropout: float = 0.1              # transformer dropout
     dec_layers: int = 6               # transformer decoder layers (Table VIII: 1 or 6)
     enc_layers: int = 0               # >0: the "+ 6 Enc" pixel decoder of the panoptic R50/R101 models
+    memory_feature: str = "res5"      # what the decoder's queries attend to (paper: res5; small 64x64 presets
+                                      # use res3 so the queries see 8x8 tokens instead of res5's 2x2)
     self_attention: bool = True       # False: decoder without self-attention (Table VIII)
     box_head: bool = False            # add DETR's box MLP for box matching (Table 5)
     gn_groups: int = 32               # GroupNorm groups in the pixel decoder (small models use fewer)
@@ -40,6 +42,11 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.arch={self.arch!r}: expected one of {ARCHS}")
         if self.num_classes < 1:
             raise ValueError(f"ModelConfig.num_classes={self.num_classes}: expected >= 1")
+        if self.memory_feature not in ("res2", "res3", "res4", "res5"):
+            raise ValueError(f"ModelConfig.memory_feature={self.memory_feature!r}: expected res2..res5")
+        if self.enc_layers > 0 and self.memory_feature != "res5":
+            raise ValueError("ModelConfig: the transformer-encoder pixel decoder (enc_layers > 0) encodes res5; "
+                             f"memory_feature={self.memory_feature!r} is not supported with it")
         if self.dec_layers < 1:
             raise ValueError(f"ModelConfig.dec_layers={self.dec_layers}: expected >= 1")
         self.pixel_mean = tuple(self.pixel_mean)

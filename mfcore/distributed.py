@@ -71,19 +71,10 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is True on any process (so that all processes take the same branch)."""
-    if not is_initialized():
-        return flag
-    t = torch.tensor(float(flag), device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
-
-
 def cleanup() -> None:
     if is_initialized():
         dist.destroy_process_group()
 
 
 __all__ = ["env_world_size", "init_distributed", "is_initialized", "get_rank", "get_world_size", "is_main_process",
-           "barrier", "all_reduce_mean", "any_process", "cleanup"]
+           "barrier", "all_reduce_mean", "cleanup"]

@@ -7,7 +7,8 @@ with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap thres
 
 Single-scale test: the image is resized to the preset's test short side, predictions are resized back to
 the label's original size. `tta=True`: the multi-scale + flip test of Table 1 (semantic metrics only;
-the panoptic numbers stay single-scale, as in the paper).
+the panoptic numbers stay single-scale, as in the paper). `inference="general"`: Table VII's general
+inference (the panoptic rule with object threshold 0.3) read out as the semantic prediction.
 """
 from __future__ import annotations
 
@@ -19,14 +20,16 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as du
-from .checkpoint import config_dict, configs_from_checkpoint, load_checkpoint, load_model_state, write_json
-from .config import TrainConfig, override
+from .checkpoint import config_dict, configs_from_checkpoint, load_trained_model, write_json
+from .config import TrainConfig
 from .data.datasets import PanopticSegDataset
-from .inference import (PIXEL_MEAN_RGB, pad_images, panoptic_inference, postprocess_masks, predict_semantic,
-                        predict_semantic_tta, resize_shortest_edge, semantic_inference)
+from .inference import (PIXEL_MEAN_RGB, general_semantic_inference, pad_images, panoptic_inference,
+                        postprocess_masks, predict_semantic, predict_semantic_tta, resize_shortest_edge,
+                        semantic_inference)
 from .metrics import PQAccumulator, SemSegEvaluator, semantic_categories
-from .models import build_model
 from .runtime import build_run_dataset, resolve_device
+
+GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
 
 
 @torch.inference_mode()
@@ -62,14 +65,19 @@ def _pq_summary(result: dict, names: list[str], suffix: str) -> dict:
 
 
 def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device, tta: bool = False,
-                   max_images: int | None = None) -> dict:
+                   max_images: int | None = None, inference: str = "semantic") -> dict:
     """Metrics of `model` on `dataset` (built without transform: original images and labels).
 
     Under torchrun each process scores images rank, rank + world, ... and the counts are summed.
     Returns {"num_images", "semantic": {"mIoU", "pixel_acc", "mAcc", "PQ_St", "SQ_St", "RQ_St",
     "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
     "PQ_St", "SQ", "RQ", "per_class"}}; values in percent.
+    inference: "semantic" (marginalisation, the default) or "general" (MaskFormer only; Table VII).
     """
+    if inference not in ("semantic", "general"):
+        raise ValueError(f"inference={inference!r}: expected 'semantic' or 'general'")
+    if inference == "general" and (tta or model.cfg.arch != "maskformer"):
+        raise ValueError("general inference needs a MaskFormer model and single-scale testing")
     was_training = model.training
     model.eval()
     k, names = dataset.num_classes, list(dataset.class_names)
@@ -92,10 +100,14 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
             scores = predict_semantic_tta(model, image, cfg.tta_short_sides, True, 4 * max(cfg.tta_short_sides))
         elif mask_classification:
             logits, masks = mask_predictions(model, resized, out_size)
-            scores = semantic_inference(logits, masks)
+            scores = semantic_inference(logits, masks) if inference == "semantic" else None
         else:
             scores = predict_semantic(model, resized, out_size)
-        pred = scores.argmax(0).cpu()
+        if scores is None:  # Table VII's general inference: the panoptic rule read out as a label map
+            pred = general_semantic_inference(logits, masks, GENERAL_THRESHOLD, cfg.overlap_threshold,
+                                              dataset.ignore_label).cpu()
+        else:
+            pred = scores.argmax(0).cpu()
         semseg.update(pred, gt)
         pq_st.add_semantic(pred.numpy(), gt.numpy(), dataset.ignore_label)
         if pq is not None:
@@ -123,31 +135,31 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
 
 
 def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: bool = False, split: str = "val",
-             output: str | Path | None = None, device: str = "auto", max_images: int | None = None) -> dict:
+             output: str | Path | None = None, device: str = "auto", max_images: int | None = None,
+             inference: str = "semantic") -> dict:
     """Evaluate a checkpoint (from `train` or `convert-checkpoint`) and write the results as JSON.
 
-    The JSON goes to `output`, by default next to the checkpoint: `eval_<split>[_tta].json`.
+    The JSON goes to `output`, by default next to the checkpoint: `eval_<split>[_tta|_general].json`.
     Returns the written dict: {"checkpoint", "iteration", "split", "tta", "metrics", "config", "git_commit"}.
     """
     checkpoint = Path(checkpoint)
-    ckpt = load_checkpoint(checkpoint)
-    preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
     device = du.init_distributed(resolve_device(device))
-    # the weights come from the checkpoint; a pretrained backbone file need not exist any more
-    model = build_model(override(model_cfg, pretrained=None))
-    load_model_state(model, ckpt["model"], str(checkpoint))
+    model, ckpt = load_trained_model(checkpoint)
+    preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
     model.to(device)
     dataset = build_run_dataset(train_cfg.dataset, data_root, split)
     if dataset.num_classes != model_cfg.num_classes:
         raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
                          f"{train_cfg.dataset} has {dataset.num_classes}")
     start = time.perf_counter()
-    metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images)
+    metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images, inference)
     result = {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, "tta": tta,
+              "inference": inference,
               "seconds": round(time.perf_counter() - start, 2), "metrics": metrics,
               "config": config_dict(preset, model_cfg, loss_cfg, train_cfg), "git_commit": ckpt.get("git_commit")}
     if du.is_main_process():
-        path = Path(output) if output else checkpoint.parent / f"eval_{split}{'_tta' if tta else ''}.json"
+        suffix = "_tta" if tta else "_general" if inference == "general" else ""
+        path = Path(output) if output else checkpoint.parent / f"eval_{split}{suffix}.json"
         write_json(path, result)
         result["output"] = str(path)
     return result

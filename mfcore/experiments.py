@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .checkpoint import write_json
 from .profiles import Profile
@@ -43,7 +43,7 @@ class Context:
     """Where a notebook's runs go and how they are run (from the notebook's parameters cell)."""
     profile: Profile
     results_dir: Path = Path("results")
-    cache_dir: Path = REPO / "data" / "generated"
+    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("MFCORE_CACHE", REPO / "data" / "generated")))
     data_root: str | None = None    # paper profile: folder holding one sub-folder per dataset
     device: str = "auto"
     progress: str = "log"
@@ -108,8 +108,9 @@ def paper_spec(ctx: Context, preset: str, seed: int = 0, **model_overrides: Any)
     return RunSpec(f"{preset}{('-' + tag) if tag else ''}-s{seed}", preset, str(root), {"seed": seed}, model_overrides)
 
 
-def run(ctx: Context, spec: RunSpec) -> dict:
-    """Train and evaluate `spec` unless already finished; returns final.json's content."""
+def run(ctx: Context, spec: RunSpec, on_log: Callable[[list[dict]], None] | None = None) -> dict:
+    """Train and evaluate `spec` unless already finished; returns final.json's content.
+    on_log: called with the metrics records after each log line (single-process runs)."""
     out = ctx.runs_dir / spec.name
     final = out / "final.json"
     if final.is_file():
@@ -126,7 +127,7 @@ def run(ctx: Context, spec: RunSpec) -> dict:
         from .train import train
 
         result = train(spec.preset, out, spec.data_root, train_overrides=spec.train, model_overrides=spec.model,
-                       resume=resume, progress=ctx.progress, device=ctx.device)
+                       resume=resume, progress=ctx.progress, device=ctx.device, on_log=on_log)
         if result["status"] != "finished":
             raise KeyboardInterrupt(f"run {spec.name} {result['status']} at iteration {result['iteration']}; "
                                     f"run again to resume")
@@ -141,7 +142,9 @@ def _run_torchrun(ctx: Context, spec: RunSpec, out: Path, resume: bool) -> dict:
            "train", "--preset", spec.preset, "--output", str(out), "--progress", ctx.progress, "--device", ctx.device]
     if spec.data_root:
         cmd += ["--data-root", spec.data_root]
-    for key, value in {**spec.train, **spec.model}.items():
+    for key, value in spec.train.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in spec.model.items():
         cmd += ["--set", f"{key}={json.dumps(value)}"]
     if resume:
         cmd.append("--resume")

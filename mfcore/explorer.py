@@ -77,19 +77,15 @@ class QueryExplorer:
                         interactive: bool = True) -> QueryExplorer:
         """Predict the first `num_images` of `dataset` (with .class_names, .thing_ids) with a trained mfcore
         checkpoint; thresholds start at the checkpoint's panoptic settings."""
-        from .checkpoint import configs_from_checkpoint, load_checkpoint, load_model_state
-        from .config import override
-        from .models import build_model
+        from .checkpoint import configs_from_checkpoint, load_trained_model
 
-        ckpt = load_checkpoint(path)
+        model, ckpt = load_trained_model(path)
         _, model_cfg, _, train_cfg = configs_from_checkpoint(ckpt)
         if model_cfg.arch != "maskformer":
             raise ValueError(f"{path}: QueryExplorer needs a MaskFormer checkpoint, got arch={model_cfg.arch!r}")
         if model_cfg.num_classes != len(dataset.class_names):
             raise ValueError(f"{path} predicts {model_cfg.num_classes} classes, the dataset has "
                              f"{len(dataset.class_names)}")
-        model = build_model(override(model_cfg, pretrained=None))  # weights come from the checkpoint
-        load_model_state(model, ckpt["model"], str(path))
         predictions = collect_predictions(model, dataset, num_images, device)
         return cls(predictions, dataset.class_names, dataset.thing_ids, interactive,
                    train_cfg.object_mask_threshold, train_cfg.overlap_threshold)

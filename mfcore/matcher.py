@@ -44,12 +44,20 @@ def pairwise_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: 
 
 
 def _pairwise_focal(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
-    neg_log = F.softplus(logits)                              # softplus(x) = -log(1 - sigmoid(x))
-    neg = prob.pow(gamma).mul_(neg_log).mul_(1 - alpha)
-    # softplus(-x) = softplus(x) - x = -log sigmoid(x): one softplus serves both terms
-    pos = torch.rsub(prob, 1).pow_(gamma).mul_(neg_log.sub_(logits)).mul_(alpha)
-    total = pos.sub_(neg) @ targets.transpose(-1, -2) + neg.sum(-1)[..., None]
-    return total / logits.shape[-1]
+    # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(-x) = softplus(x) - x.
+    # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
+    # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
+    # Written with in-place ops: a fresh [B, N, P] buffer costs more than the arithmetic done in it.
+    one_minus = torch.rsub(prob, 1)
+    neg_log = torch.maximum(prob, one_minus).log_().neg_()
+    pos_log = torch.clamp(logits, min=0)
+    neg_log.add_(pos_log)                                                # -log(1 - p)
+    pos_log = torch.sub(neg_log, logits, out=pos_log)                   # -log p
+    pos = one_minus.pow_(gamma).mul_(pos_log)                           # (1-p)^g (-log p)
+    neg = neg_log.mul_(pos_log.copy_(prob).pow_(gamma))                 # p^g (-log(1-p))
+    # a pos @ t^T + (1-a) neg @ (1-t)^T = (a pos - (1-a) neg) @ t^T + (1-a) sum(neg)
+    total = pos.mul_(alpha).sub_(neg, alpha=1 - alpha) @ targets.transpose(-1, -2)
+    return (total + (1 - alpha) * neg.sum(-1)[..., None]) / logits.shape[-1]
 
 
 def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
@@ -64,6 +72,20 @@ def _pairwise_dice(prob: Tensor, targets: Tensor) -> Tensor:
     numerator = 2 * prob @ targets.transpose(-1, -2) + 1
     denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :] + 1
     return 1 - numerator / denominator
+
+
+def _nearest_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    # F.interpolate(mode="nearest"): source index floor(j * in/out), the scale taken in float32
+    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+    return (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1).to(device)
+
+
+def downsample_nearest(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """F.interpolate(masks[None].float(), size, mode="nearest")[0] for masks [n, H, W] -> [n, h, w] (float32),
+    by picking the source rows and columns: it reads only the h*w kept pixels of every mask."""
+    rows = _nearest_index(masks.shape[-2], size[0], masks.device)
+    cols = _nearest_index(masks.shape[-1], size[1], masks.device)
+    return masks.index_select(-2, rows).index_select(-1, cols).float()
 
 
 def assign(costs: list[Tensor]) -> Indices:
@@ -101,17 +123,16 @@ class HungarianMatcher(nn.Module):
             if n:
                 labels[b, :n] = t["labels"]
                 # Costs are computed at the prediction's resolution (H/4 x W/4): cheap, and no gradient.
-                small = F.interpolate(t["masks"][None].float(), size=(height, width), mode="nearest")[0]
-                gt[b, :n] = small.flatten(1).to(gt.device)
+                gt[b, :n] = downsample_nearest(t["masks"], (height, width)).flatten(1).to(gt.device)
 
         # -p_i(c_j) rather than DETR's -log p_i(c_j): the probability lies in [0, 1] like the dice cost
         # and the per-pixel focal mean, so no term can dominate the others by going to infinity.
         prob = logits.softmax(-1)                                               # [B, N, K+1]
         cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
         flat = masks.flatten(2)                                                 # [B, N, h*w]
-        prob = flat.sigmoid()                                                   # shared by both mask costs
-        cost = (self.cost_class * cost_class + self.cost_mask * _pairwise_focal(flat, prob, gt, 0.25, 2.0)
-                + self.cost_dice * _pairwise_dice(prob, gt))                    # [B, N, max n]
+        mask_prob = flat.sigmoid()                                              # shared by both mask costs
+        cost = (self.cost_class * cost_class + self.cost_mask * _pairwise_focal(flat, mask_prob, gt, 0.25, 2.0)
+                + self.cost_dice * _pairwise_dice(mask_prob, gt))               # [B, N, max n]
         return [cost[b, :, :n] for b, n in enumerate(sizes)]
 
     @torch.no_grad()
@@ -181,5 +202,5 @@ class BoxMatcher(nn.Module):
         return assign(self.cost_matrices(outputs, targets))
 
 
-__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "pairwise_focal", "pairwise_dice",
+__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "pairwise_focal", "pairwise_dice", "downsample_nearest",
            "assign", "check_targets"]

@@ -97,7 +97,7 @@ class SegmentationModel(nn.Module):
             self.memory_channels = cfg.hidden_dim
         else:
             self.pixel_decoder = FPNPixelDecoder(channels, cfg.conv_dim, cfg.mask_dim, cfg.gn_groups)
-            self.memory_channels = channels["res5"]
+            self.memory_channels = channels[cfg.memory_feature]
         self.register_buffer("pixel_mean", torch.tensor(cfg.pixel_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(cfg.pixel_std).view(1, 3, 1, 1), persistent=False)
 
@@ -108,7 +108,14 @@ class SegmentationModel(nn.Module):
         if images.shape[-2] % 32 or images.shape[-1] % 32:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of 32; pad it "
                              "(mfcore.inference.pad_images)")
-        return self.pixel_decoder(self.backbone((images - self.pixel_mean) / self.pixel_std))
+        # channels-last (NHWC) activations: oneDNN and cuDNN run convolutions natively in this layout
+        # (build_model stores the conv weights the same way), saving a layout reorder per conv.
+        images = images.contiguous(memory_format=torch.channels_last)
+        features = self.backbone((images - self.pixel_mean) / self.pixel_std)
+        mask_features, memory = self.pixel_decoder(features)
+        if self.cfg.enc_layers == 0:
+            memory = features[self.cfg.memory_feature]
+        return mask_features, memory
 
 
 class MaskFormer(SegmentationModel):
@@ -166,4 +173,5 @@ def build_model(spec: "str | ModelConfig", **overrides) -> SegmentationModel:
         raise TypeError(f"build_model expects a preset name or ModelConfig, got {type(spec).__name__}")
     if overrides:
         cfg = override(cfg, **overrides)
-    return ARCHITECTURES[cfg.arch](cfg)
+    # conv weights in channels-last, like the activations (see SegmentationModel.features)
+    return ARCHITECTURES[cfg.arch](cfg).to(memory_format=torch.channels_last)

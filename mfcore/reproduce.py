@@ -10,6 +10,7 @@ only does what is missing.
 """
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -28,13 +29,18 @@ def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
 
 
 def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
-              nproc_per_node: int = 1, only: list[str] | None = None, folder: Path = NOTEBOOKS) -> dict:
-    """Run the notebooks (all, or those whose name contains one of `only`); returns the timing summary."""
+              nproc_per_node: int = 1, only: list[str] | None = None, folder: Path = NOTEBOOKS,
+              cache_dir: str | None = None, executed_dir: str | None = None) -> dict:
+    """Run the notebooks (all, or those whose name contains one of `only`); returns the timing summary.
+    cache_dir: where generated datasets and pretrained backbones go (default data/generated; passed to the
+    kernels as MFCORE_CACHE). executed_dir: executed copies (default results/executed/<profile>)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
+    if cache_dir:
+        os.environ["MFCORE_CACHE"] = str(cache_dir)  # inherited by the notebook kernels
     ctx = make_context(profile, results_dir, data_root, device, "log", nproc_per_node)
-    executed = REPO / "results" / "executed" / profile
+    executed = Path(executed_dir) if executed_dir else REPO / "results" / "executed" / profile
     executed.mkdir(parents=True, exist_ok=True)
     params = dict(profile=profile, results_dir=str(ctx.results_dir), data_root=data_root or "", device=device,
                   progress="log", interactive=False, nproc_per_node=nproc_per_node)

@@ -23,7 +23,7 @@ import time
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
@@ -92,6 +92,17 @@ def _append_jsonl(path: Path, record: dict) -> None:
         f.write(json.dumps(json_safe(record)) + "\n")
 
 
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a `metrics.jsonl`; a last line still being written is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 def _truncate_jsonl(path: Path, iteration: int) -> None:
     """Drop records a killed run wrote after its last checkpoint (the resumed run writes them again)."""
     if path.is_file():
@@ -110,7 +121,8 @@ def _show(progress: str, line: str, final: bool = False) -> None:
 
 def train(preset: str, output_dir: str | Path, data_root: str | Path | None = None, *,
           train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
-          resume: bool = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None) -> dict:
+          resume: bool = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None,
+          on_log: Callable[[list[dict]], None] | None = None) -> dict:
     """Train `preset` (see mfcore.presets) into `output_dir`.
 
     train_overrides / model_overrides: TrainConfig / ModelConfig fields to change, e.g. {"iters": 20}.
@@ -273,6 +285,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 if main:
                     _append_jsonl(metrics_path, record)
+                    if on_log is not None:  # e.g. a notebook's live loss plot
+                        on_log(read_metrics(metrics_path))
                     _show(progress, f"iter {it}/{cfg.iters}  loss {record['loss']:.4f}  lr {lr:.2e}  "
                                     f"{record['sec_per_iter']:.2f}s/it  eta {record['eta_sec'] / 60:.1f} min")
                 window, tic = [], toc

@@ -26,6 +26,7 @@ from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from .train import read_metrics  # noqa: F401  (re-exported for the notebooks)
 from .predictions import collect_predictions, load_predictions, save_predictions, to_numpy, to_rgb
 
 
@@ -129,17 +130,6 @@ def plot_masks_grid(masks: Any, titles: Sequence[str] | None = None, ncols: int 
 
 
 # ----------------------------------------------------------------------------- training curves
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a `metrics.jsonl`; a last line still being written is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def plot_loss_curves(records: Sequence[Mapping], keys: Sequence[str] = ("loss",)) -> Figure:
     """One axes per key: its value against "iter" over the records (train or eval lines of metrics.jsonl)
     that have it."""

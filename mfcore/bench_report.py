@@ -1,0 +1,145 @@
+"""Reporting for `mfcore.bench`: the run's environment, the results table, atomic JSON + Markdown files."""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from . import bench_hf
+
+REPO = Path(__file__).resolve().parent.parent
+PACKAGES = ("torch", "torchvision", "timm", "numpy", "scipy", "transformers")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git() -> dict:
+    """Commit of the checkout the package runs from, and whether tracked files differ from it."""
+    def run(*args: str) -> str | None:
+        try:
+            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return proc.stdout.strip() if proc.returncode == 0 else None
+    commit = run("rev-parse", "HEAD")
+    status = run("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def environment(device: torch.device, threads: int, command: list[str] | None = None) -> dict:
+    """Date, machine, versions, threads and git commit: everything needed to read or redo the numbers."""
+    machine = {"platform": platform.platform(), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+               "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+               "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        machine["gpu"] = {"name": props.name, "capability": f"{props.major}.{props.minor}",
+                          "memory_gib": round(props.total_memory / 2**30, 1), "cuda": torch.version.cuda,
+                          "cudnn": torch.backends.cudnn.version()}
+    versions = {"python": platform.python_version(), "mfcore": _version("mfcore"),
+                **{p: _version(p) for p in PACKAGES}}
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": str(device), "threads": threads, "interop_threads": torch.get_num_interop_threads(),
+            "command": " ".join(command if command is not None else ["python", "-m", "mfcore", *sys.argv[1:]]),
+            "machine": machine, "versions": versions, "git": _git(),
+            "transformers_compared": bench_hf.available()}
+
+
+def _fmt(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    if unit == "s":
+        return f"{value * 1e3:.1f} ms" if value < 1 else f"{value:.3f} s"
+    if unit == "MiB":
+        return f"{value:.0f} MiB"
+    return f"{value:.1f} {unit}"
+
+
+def table_rows(cases: list[dict]) -> list[list[str]]:
+    """One row per case: name, what, mfcore, transformers, ratio (CPU-time ratio), target, met."""
+    rows = []
+    for c in cases:
+        mf, hf = c.get("mfcore", {}).get("value"), c.get("transformers", {}).get("value")
+        ratio = "-"
+        if "ratio" in c:
+            second = c.get("ratio_cpu_time", c.get("ratio_peak"))
+            ratio = f"{c['ratio']:.2f}" + (f" ({second:.2f})" if second is not None else "")
+        target = f"<= {c['target']:.2f}" if "target" in c else "-"
+        met = ("yes" if c["met"] else "**no**") if "met" in c else "-"
+        extra = c.get("mfcore", {}).get("achieved_tflops")
+        what = c["what"] + (f"; mfcore {extra * 1e3:.0f} GFLOP/s" if extra is not None else "")
+        rows.append([c["name"], what, _fmt(mf, c["unit"]), _fmt(hf, c["unit"]), ratio, target, met])
+    return rows
+
+
+HEADER = ["benchmark", "what", "mfcore", "transformers", "mfcore / transformers", "target", "met"]
+
+
+def print_table(cases: list[dict]) -> None:
+    rows = [HEADER] + table_rows(cases)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(HEADER))]
+    for k, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if k == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def markdown(result: dict) -> str:
+    env, m = result["environment"], result["environment"]["machine"]
+    git = env["git"]
+    commit = (git["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if git["dirty"] else "")
+    hardware = m["gpu"]["name"] if "gpu" in m else f"{m['cpu']}, {m['usable_cpus']} usable CPUs"
+    load = " -> ".join(f"{x[0]:.1f}" for x in (m.get("load_average_start"), m.get("load_average_end")) if x)
+    lines = [f"# mfcore benchmarks ({env['device']}{', quick' if result['quick'] else ''})", "",
+             f"- date: {env['date']}; git commit {commit}",
+             f"- command: `{env['command']}`",
+             f"- hardware: {hardware}; {env['threads']} threads; 1-minute load average {load}",
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
+             f"- method: median of {result['reps']} alternating repetitions after {result['warmup']} warm-up "
+             "call(s); ratio = mfcore / transformers time (in parentheses: the CPU-time ratio, or for memory the "
+             "ratio of process peaks)", "",
+             "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in table_rows(result["cases"])]
+    if result.get("checks"):
+        lines += ["", "Cross-checks:"] + [f"- {k}: {v}" for k, v in result["checks"].items()]
+    for note in result.get("notes", []):
+        lines.append(f"- {note}")
+    return "\n".join(lines) + "\n"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def write_results(result: dict, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
+    """Write <out_dir>/<stem>.json and <stem>.md atomically; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    json_path, md_path = out / f"{stem}.json", out / f"{stem}.md"
+    _atomic_write(json_path, json.dumps(result, indent=1) + "\n")
+    _atomic_write(md_path, markdown(result))
+    return json_path, md_path

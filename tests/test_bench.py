@@ -1,0 +1,71 @@
+"""The benchmark runs end to end (quick sizes, mfcore alone) and writes complete JSON and Markdown."""
+import json
+
+import torch
+
+from mfcore.bench import gpu_peak_tflops
+from mfcore.bench_steps import alternate, case, make_batch, memory_case
+
+
+def test_quick_bench_writes_json_and_markdown(tmp_path):
+    from mfcore.bench import main
+
+    result = main(device="cpu", threads=1, quick=True, out_dir=str(tmp_path), compare=False, log=lambda _: None)
+    data = json.loads((tmp_path / "cpu-quick.json").read_text())
+    assert data == json.loads(json.dumps(result))
+    env = data["environment"]
+    assert env["threads"] == 1 and env["device"] == "cpu"
+    assert set(env["versions"]) >= {"python", "torch", "timm"} and "commit" in env["git"] and env["date"]
+    assert env["machine"]["cpu"] and env["machine"]["load_average_end"] is not None
+    names = [c["name"] for c in data["cases"]]
+    assert names == ["train_step", "inference", "matcher", "train_memory", "tiny_train"]
+    for c in data["cases"]:
+        assert c["mfcore"]["value"] > 0 and "transformers" not in c and "ratio" not in c
+    timing = data["cases"][0]["mfcore"]
+    assert len(timing["wall_s"]) == data["reps"] == 1 and timing["flops_per_call"] > 0
+    memory = data["cases"][3]["mfcore"]
+    assert memory["peak_mib"] >= memory["before_step_mib"] > 0
+    markdown = (tmp_path / "cpu-quick.md").read_text()
+    for name in names:
+        assert f"| {name} |" in markdown
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files behind
+
+
+def test_alternate_reverses_order_and_takes_the_median():
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    timings = alternate(fns, reps=3, warmup=1, device=torch.device("cpu"))
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]  # warm-up, then a-b, b-a, a-b
+    for t in timings.values():
+        assert len(t["wall_s"]) == 3 and t["median_s"] == sorted(t["wall_s"])[1]
+
+
+def test_ratios_targets_and_units():
+    timings = {"mfcore": {"median_s": 2.0, "median_cpu_s": 3.0}, "transformers": {"median_s": 4.0, "median_cpu_s": 4.0}}
+    row = case("train_step", "x", timings)
+    assert row["ratio"] == 0.5 and row["ratio_cpu_time"] == 0.75 and row["target"] == 0.8 and row["met"]
+    row = case("matcher", "x", {"mfcore": {"median_s": 3.0, "median_cpu_s": 1.0},
+                                "transformers": {"median_s": 4.0, "median_cpu_s": 1.0}})
+    assert row["ratio"] == 0.75 and not row["met"]
+    row = case("tiny_train", "x", {"mfcore": {"median_s": 0.5, "median_cpu_s": 0.5}}, per_call=16, unit="img/s")
+    assert row["mfcore"]["value"] == 32 and "ratio" not in row
+    row = memory_case("train_memory", "x", {"mfcore": {"step_mib": 300.0, "peak_mib": 900.0},
+                                            "transformers": {"step_mib": 400.0, "peak_mib": 1000.0}})
+    assert row["ratio"] == 0.75 and row["ratio_peak"] == 0.9 and row["met"]
+
+
+def test_synthetic_targets_partition_the_image():
+    images, targets = make_batch(2, 32, num_classes=150, seed=3)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 255
+    for t in targets:
+        assert t["masks"].shape == (8, 32, 32) and len(set(t["labels"].tolist())) == 8
+        assert torch.equal(t["masks"].sum(0), torch.ones(32, 32))     # disjoint and covering
+        assert (t["masks"].flatten(1).sum(1) > 0).all()               # no empty segment
+
+
+def test_gpu_peaks():
+    assert gpu_peak_tflops("NVIDIA H100 PCIe", "bf16") == (756.0, "bf16")
+    assert gpu_peak_tflops("NVIDIA A100-SXM4-80GB", "bf16") == (312.0, "bf16")
+    assert gpu_peak_tflops("Tesla V100-SXM2-16GB", "bf16") == (15.7, "fp32")   # no bf16 tensor cores
+    assert gpu_peak_tflops("NVIDIA L40S", None)[0] in (91.6, 183.0)             # fp32 or tf32 setting
+    assert gpu_peak_tflops("Some Future GPU", None)[0] is None
