@@ -72,10 +72,18 @@ def same_assignment(fns: dict[str, Callable[[], list]]) -> bool:
     return pairs["mfcore"] == pairs["transformers"]
 
 
+def _contenders(impls: list[str], device: torch.device, compile_model: bool) -> tuple[dict, dict]:
+    """(eager models, models to time): with compile_model the timed mfcore model is torch.compile'd;
+    FLOPs are always counted on the eager one."""
+    eager = {impl: build_contender(impl, device) for impl in impls}
+    timed = dict(eager, mfcore=torch.compile(eager["mfcore"])) if compile_model else dict(eager)
+    return eager, timed
+
+
 def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
-              memory: bool, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+              memory: bool, compile_model: bool, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    models = {impl: build_contender(impl, device) for impl in impls}
+    eager, models = _contenders(impls, device, compile_model)
     cases, checks = [], {}
     if with_hf:
         checks["loss_on_same_predictions"] = loss_cross_check(models["transformers"], sizes["train"][0], device)
@@ -84,7 +92,7 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
     log(f"train_step: R50 {size}x{size}, batch {batch}")
     images, targets = make_batch(batch, size, 150, 0, device)
     fns = {impl: train_step(impl, models[impl], images, targets) for impl in impls}
-    flops = count_flops(fns["mfcore"])
+    flops = count_flops(train_step("mfcore", eager["mfcore"], images, targets))
     cases.append(case("train_step", f"forward + loss (18 terms) + backward, R50, {size}x{size}, batch {batch}",
                       alternate(fns, reps, warmup, device), flops=flops))
 
@@ -92,10 +100,10 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
     log(f"inference: R50 {size}x{size}, batch {batch}")
     images = make_batch(batch, size, 150, 0, device)[0]
     fns = {impl: inference(impl, models[impl], images) for impl in impls}
-    flops = 2 * batch * count_macs(models["mfcore"], (size, size))  # the paper's count, 2 flops per multiply-add
+    flops = 2 * batch * count_macs(eager["mfcore"], (size, size))  # the paper's count, 2 flops per multiply-add
     cases.append(case("inference", f"eval forward + semantic inference -> labels, R50, {size}x{size}, batch {batch}",
                       alternate(fns, reps, warmup, device), flops=flops))
-    del models, fns
+    del eager, models, fns
 
     log("matcher")
     outputs, targets = matcher_inputs(sizes["match"], device)
@@ -121,10 +129,10 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
 
 
 def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
-              memory: bool, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+              memory: bool, compile_model: bool, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     torch.backends.cudnn.benchmark = True  # both sides: let cuDNN pick its fastest kernels for fixed shapes
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    models = {impl: build_contender(impl, device) for impl in impls}
+    eager, models = _contenders(impls, device, compile_model)
     name = torch.cuda.get_device_properties(device).name
     cases, checks = [], {}
 
@@ -140,7 +148,7 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
     for amp in (None, "bf16"):
         log(f"train {amp or 'fp32'}: R50 {size}x{size}, batch {batch}")
         fns = {impl: train_step(impl, models[impl], images, targets, amp) for impl in impls}
-        flops = count_flops(fns["mfcore"])
+        flops = count_flops(train_step("mfcore", eager["mfcore"], images, targets, amp))
         add(case(f"train_{amp or 'fp32'}", f"training img/s, {amp or 'fp32'}, R50, {size}x{size}, batch {batch}",
                  alternate(fns, reps, warmup, device), per_call=batch, unit="img/s", flops=flops), amp)
     for batch, amp in ((1, None), (sizes["gpu_infer"][1], None), (sizes["gpu_infer"][1], "bf16")):
@@ -148,10 +156,10 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         log(f"inference {amp or 'fp32'}: R50 {size}x{size}, batch {batch}")
         images = make_batch(batch, size, 150, 0, device)[0]
         fns = {impl: inference(impl, models[impl], images, amp) for impl in impls}
-        flops = 2 * batch * count_macs(models["mfcore"], (size, size))
+        flops = 2 * batch * count_macs(eager["mfcore"], (size, size))
         add(case(f"inference_{amp or 'fp32'}_b{batch}", f"inference img/s, {amp or 'fp32'}, R50, {size}x{size}, "
                  f"batch {batch}", alternate(fns, reps, warmup, device), per_call=batch, unit="img/s", flops=flops), amp)
-    del models, fns
+    del eager, models, fns
 
     outputs, targets = matcher_inputs(sizes["match"], device)
     fns = matchers(outputs, targets, with_hf)
@@ -169,16 +177,17 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
 
 def main(device: str = "cpu", threads: int | None = None, reps: int | None = None, warmup: int = 1,
          quick: bool = False, out_dir: str = "results/benchmarks", compare: bool = True, memory: bool = True,
-         log: Callable[[str], None] = print) -> dict:
-    """Run the suite for `device`, print the table, write <out_dir>/<device>[-quick].{json,md}; returns
-    the result dict. compare=False (or transformers not installed) times mfcore alone."""
+         compile_model: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Run the suite for `device`, print the table, write <out_dir>/<device>[-quick][-compiled].{json,md};
+    returns the result dict. compare=False (or transformers not installed) times mfcore alone;
+    compile_model times torch.compile(mfcore model) (transformers stays eager; warm-up includes compiling)."""
     dev = resolve_device(device)
     if threads is not None:
         if threads < 1:
             raise ValueError(f"threads={threads}: expected >= 1")
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
-    reps = reps if reps is not None else (1 if quick else 7 if dev.type == "cpu" else 20)
+    reps = reps if reps is not None else (1 if quick else 9 if dev.type == "cpu" else 20)
     if reps < 1 or warmup < 0:
         raise ValueError(f"reps={reps}, warmup={warmup}: expected reps >= 1 and warmup >= 0")
     with_hf = compare and bench_hf.available()
@@ -186,10 +195,13 @@ def main(device: str = "cpu", threads: int | None = None, reps: int | None = Non
         log("transformers is not installed: timing mfcore alone (pip install -e '.[bench]' to compare)")
     env = environment(dev, threads)
     suite = cpu_suite if dev.type == "cpu" else gpu_suite
-    cases, checks = suite(dev, SIZES["quick" if quick else "full"], reps, warmup, with_hf, threads, memory, log)
+    cases, checks = suite(dev, SIZES["quick" if quick else "full"], reps, warmup, with_hf, threads, memory,
+                          compile_model, log)
     env["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    result = {"environment": env, "quick": quick, "reps": reps, "warmup": warmup, "cases": cases, "checks": checks}
-    json_path, md_path = write_results(result, out_dir, dev.type + ("-quick" if quick else ""))
+    result = {"environment": env, "quick": quick, "compiled": compile_model, "reps": reps, "warmup": warmup,
+              "cases": cases, "checks": checks}
+    stem = dev.type + ("-quick" if quick else "") + ("-compiled" if compile_model else "")
+    json_path, md_path = write_results(result, out_dir, stem)
     print_table(cases)
     log(f"wrote {json_path} and {md_path}")
     return result

@@ -7,6 +7,7 @@ Every closure runs one complete unit of work (a training step, a prediction, a m
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -226,20 +227,21 @@ def _rss_bytes(field: str) -> int:
 
 
 def memory_child(spec: dict) -> dict:
-    """Runs in a fresh process: build one contender, run a warm-up step, then measure one train step.
-    CPU: resident set (VmRSS before, VmHWM high-water mark during); GPU: torch.cuda allocator peak."""
+    """Runs in a fresh process: build one contender and its inputs, then run two train steps.
+    CPU: resident set before the first step (VmRSS) and its high-water mark over the steps (VmHWM);
+    GPU: torch.cuda.memory_allocated before and max_memory_allocated over the steps."""
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     images, targets = make_batch(spec["batch"], spec["size"], 150, 0, device)
     step = train_step(spec["impl"], build_contender(spec["impl"], device), images, targets, spec.get("amp"))
-    step()
     _sync(device)
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
     else:
         before, reset = _rss_bytes("VmRSS"), _reset_rss_peak()
-    step()
+    for _ in range(2):  # the second step runs with whatever the first one left cached
+        step()
     _sync(device)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _rss_bytes("VmHWM")
     result = {"before_step_mib": before / 2**20, "peak_mib": peak / 2**20, "step_mib": (peak - before) / 2**20}
@@ -250,8 +252,14 @@ def memory_child(spec: dict) -> dict:
 
 def measure_memory(impl: str, device: torch.device, size: int, batch: int, threads: int,
                    amp: str | None = None) -> dict:
+    """memory_child of `impl` in a fresh Python process (so neither side's freed memory or caches mask
+    the other's). glibc is told to serve every block of 64 KiB or more with mmap and to give it back
+    on free: the resident set then follows the live tensors and its high-water mark is their peak,
+    not whatever the allocator chose to keep."""
     spec = {"impl": impl, "device": str(device), "size": size, "batch": batch, "threads": threads, "amp": amp}
-    proc = subprocess.run([sys.executable, "-m", "mfcore.bench_steps", json.dumps(spec)], capture_output=True, text=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    proc = subprocess.run([sys.executable, "-m", "mfcore.bench_steps", json.dumps(spec)], capture_output=True,
+                          text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"memory measurement of {impl} failed:\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -87,7 +87,7 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench import main as bench
 
     bench(device=args.device, threads=args.threads, reps=args.reps, warmup=args.warmup, quick=args.quick,
-          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory)
+          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory, compile_model=args.compile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -136,12 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="speed and memory against transformers' MaskFormer (benchmarks/README.md)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's current setting)")
-    p.add_argument("--reps", type=int, help="timed repetitions per case (default: 7 on CPU, 20 on GPU, 1 quick)")
+    p.add_argument("--reps", type=int, help="timed repetitions per case (default: 9 on CPU, 20 on GPU, 1 quick)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per side before timing")
     p.add_argument("--quick", action="store_true", help="small sizes, 1 repetition (writes <device>-quick.*)")
     p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
     p.add_argument("--no-transformers", action="store_true", help="time mfcore alone")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
+    p.add_argument("--compile", action="store_true", help="time torch.compile(mfcore model) (writes <device>-compiled.*)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("make-synthetic", help="write synthetic scenes in the ADE20K and COCO panoptic layouts")

@@ -40,10 +40,11 @@ def pairwise_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: 
     focal(x, t) = t * a (1-p)^g (-log p) + (1-t) * (1-a) p^g (-log(1-p)), p = sigmoid(x); it is linear
     in t, so the sum over pixels for all pairs is pos @ t^T + neg @ (1-t)^T = (pos - neg) @ t^T + sum(neg).
     """
-    return _pairwise_focal(logits, logits.sigmoid(), targets, alpha, gamma)
+    return _pairwise_focal_(logits, logits.sigmoid(), targets, alpha, gamma)
 
 
-def _pairwise_focal(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+def _pairwise_focal_(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
+    """pairwise_focal given prob = sigmoid(logits), which it overwrites (with prob^gamma)."""
     # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(-x) = softplus(x) - x.
     # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
     # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
@@ -54,7 +55,7 @@ def _pairwise_focal(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float,
     neg_log.add_(pos_log)                                                # -log(1 - p)
     pos_log = torch.sub(neg_log, logits, out=pos_log)                   # -log p
     pos = one_minus.pow_(gamma).mul_(pos_log)                           # (1-p)^g (-log p)
-    neg = neg_log.mul_(pos_log.copy_(prob).pow_(gamma))                 # p^g (-log(1-p))
+    neg = neg_log.mul_(prob.pow_(gamma))                                # p^g (-log(1-p))
     # a pos @ t^T + (1-a) neg @ (1-t)^T = (a pos - (1-a) neg) @ t^T + (1-a) sum(neg)
     total = pos.mul_(alpha).sub_(neg, alpha=1 - alpha) @ targets.transpose(-1, -2)
     return (total + (1 - alpha) * neg.sum(-1)[..., None]) / logits.shape[-1]
@@ -69,7 +70,7 @@ def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def _pairwise_dice(prob: Tensor, targets: Tensor) -> Tensor:
-    numerator = 2 * prob @ targets.transpose(-1, -2) + 1
+    numerator = 2 * (prob @ targets.transpose(-1, -2)) + 1
     denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :] + 1
     return 1 - numerator / denominator
 
@@ -130,9 +131,9 @@ class HungarianMatcher(nn.Module):
         prob = logits.softmax(-1)                                               # [B, N, K+1]
         cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
         flat = masks.flatten(2)                                                 # [B, N, h*w]
-        mask_prob = flat.sigmoid()                                              # shared by both mask costs
-        cost = (self.cost_class * cost_class + self.cost_mask * _pairwise_focal(flat, mask_prob, gt, 0.25, 2.0)
-                + self.cost_dice * _pairwise_dice(mask_prob, gt))               # [B, N, max n]
+        mask_prob = flat.sigmoid()                        # shared by both mask costs; dice first: focal overwrites it
+        cost = self.cost_class * cost_class + self.cost_dice * _pairwise_dice(mask_prob, gt)
+        cost += self.cost_mask * _pairwise_focal_(flat, mask_prob, gt, 0.25, 2.0)  # [B, N, max n]
         return [cost[b, :, :n] for b, n in enumerate(sizes)]
 
     @torch.no_grad()

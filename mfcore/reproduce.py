@@ -10,7 +10,9 @@ only does what is missing.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +30,25 @@ def notebooks(folder: Path = NOTEBOOKS) -> list[Path]:
     return found
 
 
+class _CellOutputOnly(logging.Filter):
+    """Keep what the notebooks print (progress lines); drop papermill's per-cell banners."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(("Executing Cell", "Ending Cell", "Executing notebook",
+                                                   "Input Notebook", "Output Notebook", "Executing:"))
+
+
+def _echo_notebook_output() -> None:
+    logger = logging.getLogger("papermill")
+    if not any(isinstance(f, _CellOutputOnly) for h in logger.handlers for f in h.filters):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("    %(message)s"))
+        handler.addFilter(_CellOutputOnly())
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
               nproc_per_node: int = 1, only: list[str] | None = None, folder: Path = NOTEBOOKS,
               cache_dir: str | None = None, executed_dir: str | None = None) -> dict:
@@ -39,6 +60,7 @@ def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | No
 
     if cache_dir:
         os.environ["MFCORE_CACHE"] = str(cache_dir)  # inherited by the notebook kernels
+    _echo_notebook_output()
     ctx = make_context(profile, results_dir, data_root, device, "log", nproc_per_node)
     executed = Path(executed_dir) if executed_dir else REPO / "results" / "executed" / profile
     executed.mkdir(parents=True, exist_ok=True)

@@ -245,9 +245,10 @@ def table7(ctx: Context) -> Table:
                      inference="general", max_images=ctx.profile.eval_images)
         general.append(pd.read_json(out, typ="series")["metrics"]["semantic"])
     general_median = {m: float(pd.Series([g[m] for g in general]).median()) for m in ("mIoU", "PQ_St", "SQ_St", "RQ_St")}
-    for label, s in (("PerPixelBaseline+", ref["semantic"]), ("MaskFormer, general inference", general_median),
-                     ("MaskFormer, semantic inference", semantic["semantic"])):
-        p = paper.TABLE7[{"PerPixelBaseline+": "perpixelplus"}.get(label, label.split(", ")[1].split()[0])]
+    for key, label, s in (("perpixelplus", "PerPixelBaseline+", ref["semantic"]),
+                          ("general", "MaskFormer, general inference", general_median),
+                          ("semantic", "MaskFormer, semantic inference", semantic["semantic"])):
+        p = paper.TABLE7[key]
         rows.append({"model / inference": label, "mIoU paper": p[0], "mIoU ours": s["mIoU"],
                      "mIoU delta": s["mIoU"] - p[0], "PQ^St paper": p[1], "PQ^St ours": s["PQ_St"],
                      "PQ^St delta": s["PQ_St"] - p[1], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],

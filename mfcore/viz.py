@@ -240,13 +240,21 @@ def plot_unique_categories(stats: QueryStats, title: str = "") -> Figure:
     return fig
 
 
+def _message_figure(text: str) -> Figure:
+    fig = Figure(figsize=(5, 1.5))
+    ax = fig.subplots()
+    ax.axis("off")
+    ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=10)
+    return fig
+
+
 def plot_query_category_matrix(stats: QueryStats, class_names: Sequence[str] | None = None) -> Figure:
     """Used queries x categories, each row normalised to sum 1 and rows ordered by their most frequent
     category. 2 axes (matrix, colour bar)."""
     counts = stats.matrix()
     used = np.flatnonzero(counts.sum(axis=1))
-    if len(used) == 0:
-        raise ValueError(f"plot_query_category_matrix: no query predicted a category in {stats.num_images} images")
+    if len(used) == 0:  # e.g. a barely trained model: say so rather than fail a batch run
+        return _message_figure(f"no query predicted a category in {stats.num_images} images")
     used = used[np.argsort(counts[used].argmax(axis=1), kind="stable")]
     rows = counts[used] / np.maximum(counts[used].sum(axis=1, keepdims=True), 1)
     fig = Figure(figsize=(max(5.0, 0.18 * stats.num_classes + 2), max(3.0, 0.16 * len(used) + 1.5)))
@@ -292,7 +300,7 @@ def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, S
     its category's colour. One axes per example."""
     cols = max((len(v) for v in examples.values()), default=0)
     if cols == 0:
-        raise ValueError("plot_query_examples: no examples to show (lower prob_threshold in query_examples?)")
+        return _message_figure("no confident query to show (lower prob_threshold in query_examples?)")
     fig = Figure(figsize=(2.2 * cols, 2.3 * len(examples)))
     for r, (q, uses) in enumerate(examples.items()):
         for c, (index, category, prob) in enumerate(uses):

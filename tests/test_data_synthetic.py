@@ -135,3 +135,12 @@ def test_classification_set_imagefolder_layout(tmp_path):
     assert len(train) == 12 and len(list((tmp_path / "val").rglob("*.png"))) == 4
     assert {p.parent.name for p in train} <= set(design.class_names)
     assert (tmp_path / "classification_meta.json").is_file()
+
+
+def test_a_scene_with_a_single_segment_gets_a_nonzero_panoptic_id():
+    import numpy as np
+
+    from mfcore.data.synthetic_writer import _panoptic_annotation
+
+    info, _ = _panoptic_annotation(np.random.default_rng(0), np.ones((4, 4), dtype=np.int64), [3], "x")
+    assert info["segments_info"][0]["id"] != 0

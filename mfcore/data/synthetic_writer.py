@@ -53,9 +53,11 @@ class _Job:
 def _panoptic_annotation(rng: np.random.Generator, segments: np.ndarray, classes: list[int],
                          stem: str) -> tuple[dict, np.ndarray]:
     """COCO panoptic entry with random unique 24-bit segment ids, and the RGB-encoded PNG [S, S, 3]."""
-    ids = np.zeros(len(classes) + 1, dtype=np.int64)
-    while len(set(ids[1:].tolist())) < len(classes):
+    ids = np.zeros(len(classes) + 1, dtype=np.int64)  # index 0: void
+    while True:  # draw until unique (never 0, which is VOID)
         ids[1:] = rng.integers(1, 256**3, size=len(classes))
+        if len(set(ids[1:].tolist())) == len(classes):
+            break
     infos = []
     for j, k in enumerate(classes, start=1):
         ys, xs = np.nonzero(segments == j)
