@@ -48,7 +48,7 @@ SWIN_TRAIN = dict(lr=6e-5, weight_decay=0.01, backbone_lr_mult=1.0, warmup_iters
 
 # Small presets that train in minutes on a laptop CPU, on the generated synthetic scenes (64x64).
 SMALL_MODEL = dict(conv_dim=64, mask_dim=64, hidden_dim=64, nheads=4, dim_feedforward=256, gn_groups=8,
-                   num_queries=20, dropout=0.0)
+                   num_queries=20, dropout=0.0, memory_feature="res3")
 SMALL_DATASETS: dict[str, tuple[int, dict]] = {
     "synthetic": (32, dict(dataset="synthetic", iters=800, crop_size=(64, 64), short_sides=(48, 56, 64, 72, 80),
                            max_size=160, test_short_side=64, tta_short_sides=(48, 64, 80), lr=1e-3,
