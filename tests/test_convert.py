@@ -86,7 +86,7 @@ def transformer_layer(prefix: str, d: int, ff: int, decoder: bool) -> dict[str, 
 
 
 def head_names(k: int, n: int, channels, conv: int = 256, d: int = 256, ff: int = 2048, dec: int = 6,
-               enc: int = 0) -> dict[str, tuple]:
+               enc: int = 0, memory: int = 3) -> dict[str, tuple]:
     """sem_seg_head.* (pixel decoder stored without "pixel_decoder.") and the loss buffer."""
     names: dict[str, tuple] = {}
 
@@ -105,7 +105,8 @@ def head_names(k: int, n: int, channels, conv: int = 256, d: int = 256, ff: int 
         for i in range(enc):
             names.update(transformer_layer(f"sem_seg_head.transformer.encoder.layers.{i}.", d, ff, decoder=False))
     else:
-        names.update({pred + "input_proj.weight": (d, channels[3], 1, 1), pred + "input_proj.bias": (d,)})
+        # the decoder's memory: res5 in the paper (index 3); the small presets attend to res3 (index 1)
+        names.update({pred + "input_proj.weight": (d, channels[memory], 1, 1), pred + "input_proj.bias": (d,)})
     names[pred + "query_embed.weight"] = (n, d)
     for i in range(dec):
         names.update(transformer_layer(f"{pred}transformer.decoder.layers.{i}.", d, ff, decoder=True))
@@ -148,12 +149,12 @@ def test_released_names_of_other_models_map(preset, released):
     _check_full_size(preset, released)
 
 
-TINY = "synthetic-maskformer-r18"  # real ResNet naming, small head: K=32, N=20, d=64, FFN 256
+TINY = "synthetic-maskformer-r18"  # real ResNet naming, small head: K=32, N=20, d=64, FFN 256, memory res3
 
 
 def _tiny_released(rng: np.random.Generator) -> dict[str, np.ndarray]:
     names = {**resnet_names((2, 2, 2, 2), bottleneck=False), **head_names(32, 20, (64, 128, 256, 512), conv=64,
-                                                                          d=64, ff=256)}
+                                                                          d=64, ff=256, memory=1)}
     return {k: rng.standard_normal(shape).astype(np.float32) for k, shape in names.items()}
 
 
