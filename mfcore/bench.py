@@ -117,8 +117,8 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         size, batch = sizes["train"]
         log("train_memory: one fresh process per side")
         results = {impl: measure_memory(impl, device, size, batch, threads) for impl in impls}
-        cases.append(memory_case("train_memory", f"RSS growth during one train_step ({size}x{size}, batch {batch}); "
-                                 "ratio of process peaks in parentheses", results))
+        cases.append(memory_case("train_memory", f"peak RSS over 2 train steps minus RSS before them ({size}x{size}, "
+                                 f"batch {batch}), fresh process per side", results))
 
     size, batch = sizes["tiny"]
     log(f"tiny_train: synthetic-maskformer-tiny {size}x{size}, batch {batch}")
@@ -133,7 +133,7 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
     torch.backends.cudnn.benchmark = True  # both sides: let cuDNN pick its fastest kernels for fixed shapes
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
     eager, models = _contenders(impls, device, compile_model)
-    name = torch.cuda.get_device_properties(device).name
+    name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else "cpu"
     cases, checks = [], {}
 
     def add(row: dict, amp: str | None) -> None:
@@ -157,8 +157,9 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         images = make_batch(batch, size, 150, 0, device)[0]
         fns = {impl: inference(impl, models[impl], images, amp) for impl in impls}
         flops = 2 * batch * count_macs(eager["mfcore"], (size, size))
+        timings = alternate(fns, reps, warmup, device)
         add(case(f"inference_{amp or 'fp32'}_b{batch}", f"inference img/s, {amp or 'fp32'}, R50, {size}x{size}, "
-                 f"batch {batch}", alternate(fns, reps, warmup, device), per_call=batch, unit="img/s", flops=flops), amp)
+                 f"batch {batch}", timings, per_call=batch, unit="img/s", flops=flops), amp)
     del eager, models, fns
 
     outputs, targets = matcher_inputs(sizes["match"], device)
@@ -170,8 +171,8 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
     if memory:
         size, batch = sizes["gpu_train"]
         results = {impl: measure_memory(impl, device, size, batch, threads) for impl in impls}
-        cases.append(memory_case("train_memory", f"torch.cuda.max_memory_allocated growth in one fp32 train "
-                                 f"step ({size}x{size}, batch {batch})", results))
+        cases.append(memory_case("train_memory", f"torch.cuda.max_memory_allocated over 2 fp32 train steps minus "
+                                 f"memory_allocated before ({size}x{size}, batch {batch})", results))
     return cases, checks
 
 

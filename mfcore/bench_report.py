@@ -84,10 +84,13 @@ def table_rows(cases: list[dict]) -> list[list[str]]:
         mf, hf = c.get("mfcore", {}).get("value"), c.get("transformers", {}).get("value")
         ratio = "-"
         if "ratio" in c:
-            second = c.get("ratio_cpu_time", c.get("ratio_peak"))
-            ratio = f"{c['ratio']:.2f}" + (f" ({second:.2f})" if second is not None else "")
+            others = [f"{label} {c[key]:.2f}" for key, label in (("ratio_cpu_time", "cpu"), ("ratio_min", "min"),
+                                                                  ("ratio_peak", "peaks")) if key in c]
+            ratio = f"{c['ratio']:.2f}" + (f" ({', '.join(others)})" if others else "")
         target = f"<= {c['target']:.2f}" if "target" in c else "-"
         met = ("yes" if c["met"] else "**no**") if "met" in c else "-"
+        if c.get("noisy"):
+            met += " (noisy)"
         extra = c.get("mfcore", {}).get("achieved_tflops")
         what = c["what"] + (f"; mfcore {extra * 1e3:.0f} GFLOP/s" if extra is not None else "")
         rows.append([c["name"], what, _fmt(mf, c["unit"]), _fmt(hf, c["unit"]), ratio, target, met])
@@ -112,16 +115,22 @@ def markdown(result: dict) -> str:
     commit = (git["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if git["dirty"] else "")
     hardware = m["gpu"]["name"] if "gpu" in m else f"{m['cpu']}, {m['usable_cpus']} usable CPUs"
     load = " -> ".join(f"{x[0]:.1f}" for x in (m.get("load_average_start"), m.get("load_average_end")) if x)
-    lines = [f"# mfcore benchmarks ({env['device']}{', quick' if result['quick'] else ''})", "",
+    flags = (", quick" if result["quick"] else "") + (", mfcore torch.compile'd" if result.get("compiled") else "")
+    lines = [f"# mfcore benchmarks ({env['device']}{flags})", "",
              f"- date: {env['date']}; git commit {commit}",
              f"- command: `{env['command']}`",
              f"- hardware: {hardware}; {env['threads']} threads; 1-minute load average {load}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env["versions"].items() if v),
              f"- method: median of {result['reps']} alternating repetitions after {result['warmup']} warm-up "
-             "call(s); ratio = mfcore / transformers time (in parentheses: the CPU-time ratio, or for memory the "
-             "ratio of process peaks)", "",
+             "call(s) per side (matcher: 10x as many); ratio = mfcore / transformers median wall time; in "
+             "parentheses the ratios of median process CPU time and of the fastest calls (memory: of process "
+             "peaks)", "",
              "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(r) + " |" for r in table_rows(result["cases"])]
+    if any(c.get("noisy") for c in result["cases"]):
+        lines += ["", "(noisy): a side's median call took over 1.3x its fastest one, i.e. other processes competed "
+                  "for the cores during the run; the ratio then mixes compute with scheduling. Rerun on an idle "
+                  "machine, or compare the single-thread CPU-time ratio."]
     if result.get("checks"):
         lines += ["", "Cross-checks:"] + [f"- {k}: {v}" for k, v in result["checks"].items()]
     for note in result.get("notes", []):

@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
     p.add_argument("--no-transformers", action="store_true", help="time mfcore alone")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
-    p.add_argument("--compile", action="store_true", help="time torch.compile(mfcore model) (writes <device>-compiled.*)")
+    p.add_argument("--compile", action="store_true",
+                   help="time torch.compile(mfcore model) (writes <device>-compiled.*)")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("make-synthetic", help="write synthetic scenes in the ADE20K and COCO panoptic layouts")

@@ -15,6 +15,8 @@ from torchvision.ops import generalized_box_iou_loss
 
 from mfcore.boxes import cxcywh_to_xyxy, target_boxes
 from mfcore.distributed import all_reduce_mean
+from mfcore.mask_loss import (DenseMaskTargets, FocalDiceLoss, focal_dice, interpolation_matrix, target_terms,
+                              upsample_bilinear)
 from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher, Indices, check_targets
 
 LOSS_TERMS = {"labels": {"loss_ce": 1.0}, "masks": {"loss_mask": 20.0, "loss_dice": 1.0},
@@ -25,76 +27,6 @@ def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
     """1 - (2 sum(sigmoid(x) t) + 1) / (sum sigmoid(x) + sum t + 1) per mask. logits, targets: [M, P] -> [M]."""
     prob = logits.sigmoid()
     return 1 - (2 * (prob * targets).sum(-1) + 1) / (prob.sum(-1) + targets.sum(-1) + 1)
-
-
-def interpolation_matrix(in_size: int, out_size: int, device: torch.device) -> Tensor:
-    """[out_size, in_size] weights of 1-D linear interpolation with align_corners=False (F.interpolate's).
-
-    Output pixel j reads source position (j + 0.5) * in/out - 0.5, clamped at 0, between its two neighbours.
-    """
-    src = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    low = src.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    frac = src - low
-    weights = torch.zeros(out_size, in_size, device=device, dtype=torch.float64)
-    rows = torch.arange(out_size, device=device)
-    weights.index_put_((rows, low), 1 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
-    return weights.float()
-
-
-def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
-    """F.interpolate(x[:, None], size, mode="bilinear", align_corners=False)[:, 0] for x: [M, h, w] -> [M, H, W],
-    as two matrix products up = A_h x A_w^T (bilinear interpolation is separable).
-
-    Same values up to float rounding; the point is the backward, which is two more matrix products
-    here but a slow scatter loop in F.interpolate's CPU kernel (~10x slower for single-channel maps).
-    Runs in float32 even under autocast: these are the logits the losses are computed from.
-    """
-    a_h = interpolation_matrix(x.shape[-2], size[0], x.device)
-    a_w = interpolation_matrix(x.shape[-1], size[1], x.device)
-    with torch.autocast(x.device.type, enabled=False):
-        return torch.matmul(torch.matmul(a_h, x.float()), a_w.t())
-
-
-class FocalDiceLoss(torch.autograd.Function):
-    """Per-mask focal loss (alpha 0.25, gamma 2, mean over pixels) and dice loss in one function with a
-    hand-written backward. logits, targets: [M, P] (targets in [0, 1]) -> (focal [M], dice [M]).
-
-    Autograd through the textbook formulas runs ~40 element-wise kernels over the [M, P] upsampled logits
-    and keeps a dozen intermediates alive; the closed forms below need ~20 passes and three saved tensors.
-    With p = sigmoid(x), s = 1 - 2t, u = 1 - p_t = p s + t, a_t = a t + (1 - a)(1 - t):
-        focal = a_t * ce * u^2,  ce = softplus(x) - x t              (torchvision's sigmoid_focal_loss)
-        d focal / dx = a_t * u * ((p - t) u + 2 ce p (1 - p) s)
-        dice = 1 - num / den,  num = 2 sum p t + 1,  den = sum p + sum t + 1
-        d dice / dx_j = (num / den^2 - 2 t_j / den) * p_j (1 - p_j)
-    """
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, targets: Tensor, alpha: float = 0.25) -> tuple[Tensor, Tensor]:
-        p = torch.sigmoid(logits)
-        ce = F.softplus(logits).addcmul_(logits, targets, value=-1)        # BCE with logits
-        s = torch.rsub(targets, 1, alpha=2)                                # 1 - 2t
-        u = torch.addcmul(targets, p, s)                                   # 1 - p_t
-        a_t = s.mul_(0.5 - alpha).add_(0.5)                                # alpha t + (1 - alpha)(1 - t)
-        focal = a_t.mul_(ce).mul_(u).mul_(u).mean(1)
-        num = 2 * (p * targets).sum(1) + 1
-        den = p.sum(1) + targets.sum(1) + 1
-        ctx.alpha = alpha
-        ctx.save_for_backward(p, ce, u, targets, num, den)                # s and a_t are recomputed
-        return focal, 1 - num / den
-
-    @staticmethod
-    def backward(ctx, grad_focal: Tensor, grad_dice: Tensor) -> tuple[Tensor, None, None]:
-        p, ce, u, targets, num, den = ctx.saved_tensors
-        s = torch.rsub(targets, 1, alpha=2)
-        g = torch.addcmul(p, p, p, value=-1)                                # p (1 - p) = dp/dx
-        grad = (p - targets).mul_(u).add_(s.mul_(g).mul_(ce), alpha=2).mul_(u)
-        a_t = torch.rsub(targets, 1, alpha=2).mul_(0.5 - ctx.alpha).add_(0.5)
-        grad.mul_(a_t.mul_((grad_focal / p.shape[1])[:, None]))              # d mean / d x_j = 1/P
-        dice_coef = torch.addcmul((grad_dice * num / den.square())[:, None], targets,
-                                  (-2 * grad_dice / den)[:, None])
-        return grad.addcmul_(dice_coef, g), None, None
 
 
 def point_sample(inputs: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
@@ -182,12 +114,14 @@ class SetCriterion(nn.Module):
             classes[b, src.to(logits.device)] = targets[b]["labels"].to(logits.device)[tgt.to(logits.device)]
         return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight=self.empty_weight)}
 
-    def loss_masks(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float) -> dict[str, Tensor]:
+    def loss_masks(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float,
+                   mask_targets: DenseMaskTargets | None = None) -> dict[str, Tensor]:
         """Focal (per-pixel mean) and dice of matched pairs, each summed over masks / num_masks.
 
         Dense (num_points=None, as the paper): logits upsampled to the ground truth's size. With
         num_points both losses are evaluated at num_points sampled points per mask instead, which
-        avoids the [m, H, W] upsampled logits and cuts memory.
+        avoids the [m, H, W] upsampled logits and cuts memory. `mask_targets`: the batch's prepared
+        dense targets (built here if not given).
         """
         pred = outputs["pred_masks"]                                             # [B, N, h, w]
         if sum(len(src) for src, _ in indices) == 0:
@@ -195,29 +129,30 @@ class SetCriterion(nn.Module):
             zero = pred.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero}
         if self.num_points is None:
-            focal, dice = self._dense_focal_dice(pred, targets, indices)
+            focal, dice = self._dense_focal_dice(pred, indices, mask_targets or DenseMaskTargets(targets, pred.device))
         else:
             focal, dice = self._point_focal_dice(pred, targets, indices)
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
     @staticmethod
-    def _dense_focal_dice(pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
+    def _dense_focal_dice(pred: Tensor, indices: Indices, mask_targets: DenseMaskTargets) -> tuple[Tensor, Tensor]:
         """Matched pairs of all images at once (images whose ground truth has the same size share one
-        gather, one upsampling and one loss call). -> (focal [M], dice [M])."""
-        groups: dict[tuple[int, int], list[int]] = {}
-        for b, (src, _) in enumerate(indices):
-            if len(src):
-                groups.setdefault(tuple(targets[b]["masks"].shape[-2:]), []).append(b)
+        gather, one upsampling and one loss call). Pairs are taken in ground-truth order, so that a
+        matching that covers every segment uses the prepared targets as they are. -> (focal [M], dice [M])"""
         focal, dice = [], []
-        for size, images in groups.items():
+        for size, (images, offsets, rows, *terms) in mask_targets.groups.items():
+            order = [torch.argsort(indices[b][1]) for b in images]
             batch_idx = torch.cat([torch.full_like(indices[b][0], b) for b in images]).to(pred.device)
-            src_idx = torch.cat([indices[b][0] for b in images]).to(pred.device)
-            logits = pred[batch_idx, src_idx].float()                            # [m, h, w]
-            gt = torch.cat([targets[b]["masks"][indices[b][1].to(targets[b]["masks"].device)].to(pred.device)
-                            for b in images]).to(torch.float32)                  # [m, H, W]
+            src_idx = torch.cat([indices[b][0][o] for b, o in zip(images, order)]).to(pred.device)
+            if len(src_idx) == 0:
+                continue
+            row_idx = torch.cat([indices[b][1][o] + offsets[b] for b, o in zip(images, order)])
+            picked = [rows, *terms]
+            if len(row_idx) < len(rows):  # some segment unmatched (more segments than queries)
+                picked = [x[row_idx.to(x.device)] for x in picked]
             # Upsample the stride-4 predictions to the ground truth's resolution.
-            logits = upsample_bilinear(logits, size).flatten(1)
-            focal_g, dice_g = FocalDiceLoss.apply(logits, gt.flatten(1))
+            logits = upsample_bilinear(pred[batch_idx, src_idx].float(), size).flatten(1)
+            focal_g, dice_g = FocalDiceLoss.apply(logits, *picked)
             focal.append(focal_g)
             dice.append(dice_g)
         return torch.cat(focal), torch.cat(dice)
@@ -235,7 +170,7 @@ class SetCriterion(nn.Module):
                                              self.importance_sample_ratio)
             logits = point_sample(logits[:, None], coords)[:, 0]
             gt = point_sample(gt[:, None], coords, mode="nearest")[:, 0]       # stays binary
-            focal_b, dice_b = FocalDiceLoss.apply(logits, gt)
+            focal_b, dice_b = focal_dice(logits, gt)
             focal.append(focal_b)
             dice.append(dice_b)
         return torch.cat(focal), torch.cat(dice)
@@ -254,14 +189,15 @@ class SetCriterion(nn.Module):
         giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(gt), reduction="sum")
         return {"loss_bbox": F.l1_loss(src, gt, reduction="sum") / num_masks, "loss_giou": giou / num_masks}
 
-    def layer_losses(self, outputs: dict, targets: list[dict], num_masks: float) -> dict[str, Tensor]:
+    def layer_losses(self, outputs: dict, targets: list[dict], num_masks: float,
+                     mask_targets: DenseMaskTargets | None = None) -> dict[str, Tensor]:
         """All terms for one decoder layer's outputs, with that layer's own matching."""
         indices = self.matcher(outputs, targets)
         losses = {}
         if "labels" in self.losses:
             losses.update(self.loss_labels(outputs, targets, indices))
         if "masks" in self.losses:
-            losses.update(self.loss_masks(outputs, targets, indices, num_masks))
+            losses.update(self.loss_masks(outputs, targets, indices, num_masks, mask_targets))
         if "boxes" in self.losses:
             losses.update(self.loss_boxes(outputs, targets, indices, num_masks))
         return losses
@@ -269,9 +205,12 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         check_targets(targets, outputs["pred_logits"].shape[0])
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
-        losses = self.layer_losses(outputs, targets, num_masks)
+        # the dense mask targets are the same for every decoder layer: prepare them once
+        mask_targets = (DenseMaskTargets(targets, outputs["pred_masks"].device)
+                        if "masks" in self.losses and self.num_points is None else None)
+        losses = self.layer_losses(outputs, targets, num_masks, mask_targets)
         for i, aux in enumerate(_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
-            losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks).items()})
+            losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks, mask_targets).items()})
         return losses
 
 
@@ -356,6 +295,8 @@ def build_criterion(kind: str, num_classes: int, num_queries: int, *, cost_class
                         deep_supervision=deep_supervision, num_aux_layers=aux)
 
 
-__all__ = ["SetCriterion", "PerPixelCriterion", "build_criterion", "total_loss", "dice_loss", "FocalDiceLoss",
-           "upsample_bilinear", "interpolation_matrix", "point_sample", "sample_uncertain_points", "semantic_target",
-           "average_num_masks"]
+__all__ = ["SetCriterion", "PerPixelCriterion", "build_criterion", "total_loss", "dice_loss", "point_sample",
+           "sample_uncertain_points", "semantic_target", "average_num_masks",
+           # the fused mask losses live in mfcore.mask_loss; re-exported here
+           "FocalDiceLoss", "focal_dice", "target_terms", "DenseMaskTargets", "upsample_bilinear",
+           "interpolation_matrix"]

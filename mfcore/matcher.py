@@ -10,6 +10,8 @@ are trained towards "no object".
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -40,24 +42,30 @@ def pairwise_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: 
     focal(x, t) = t * a (1-p)^g (-log p) + (1-t) * (1-a) p^g (-log(1-p)), p = sigmoid(x); it is linear
     in t, so the sum over pixels for all pairs is pos @ t^T + neg @ (1-t)^T = (pos - neg) @ t^T + sum(neg).
     """
-    return _pairwise_focal_(logits, logits.sigmoid(), targets, alpha, gamma)
+    scratch = [torch.empty_like(logits, memory_format=torch.contiguous_format) for _ in range(3)]
+    return _pairwise_focal_(logits, logits.sigmoid(), targets, alpha, gamma, scratch)
 
 
-def _pairwise_focal_(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float) -> Tensor:
-    """pairwise_focal given prob = sigmoid(logits), which it overwrites (with prob^gamma)."""
+def _pairwise_focal_(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float,
+                     scratch: list[Tensor]) -> Tensor:
+    """pairwise_focal given prob = sigmoid(logits), which it overwrites (with prob^gamma), computed in
+    three scratch tensors shaped like logits (in-place: fresh multi-MB buffers cost more page faults on
+    CPU than the arithmetic done in them)."""
     # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(-x) = softplus(x) - x.
     # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
     # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
-    # Written with in-place ops: a fresh [B, N, P] buffer costs more than the arithmetic done in it.
-    one_minus = torch.rsub(prob, 1)
-    neg_log = torch.maximum(prob, one_minus).log_().neg_()
-    pos_log = torch.clamp(logits, min=0)
-    neg_log.add_(pos_log)                                                # -log(1 - p)
+    one_minus = torch.neg(prob, out=scratch[0]).add_(1)
+    neg_log = torch.maximum(prob, one_minus, out=scratch[1]).log_()      # -log(1 + e^-|x|)
+    pos_log = torch.clamp(logits, min=0, out=scratch[2])
+    neg_log = torch.sub(pos_log, neg_log, out=neg_log)                   # -log(1 - p)
     pos_log = torch.sub(neg_log, logits, out=pos_log)                   # -log p
     pos = one_minus.pow_(gamma).mul_(pos_log)                           # (1-p)^g (-log p)
     neg = neg_log.mul_(prob.pow_(gamma))                                # p^g (-log(1-p))
-    # a pos @ t^T + (1-a) neg @ (1-t)^T = (a pos - (1-a) neg) @ t^T + (1-a) sum(neg)
-    total = pos.mul_(alpha).sub_(neg, alpha=1 - alpha) @ targets.transpose(-1, -2)
+    # a pos @ t^T + (1-a) neg @ (1-t)^T = a (pos - (1-a)/a neg) @ t^T + (1-a) sum(neg)
+    if alpha > 0:
+        total = alpha * (pos.sub_(neg, alpha=(1 - alpha) / alpha) @ targets.transpose(-1, -2))
+    else:
+        total = -(neg @ targets.transpose(-1, -2))
     return (total + (1 - alpha) * neg.sum(-1)[..., None]) / logits.shape[-1]
 
 
@@ -75,6 +83,7 @@ def _pairwise_dice(prob: Tensor, targets: Tensor) -> Tensor:
     return 1 - numerator / denominator
 
 
+@functools.lru_cache(maxsize=32)
 def _nearest_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
     # F.interpolate(mode="nearest"): source index floor(j * in/out), the scale taken in float32
     scale = torch.tensor(in_size / out_size, dtype=torch.float32)
@@ -83,10 +92,10 @@ def _nearest_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
 
 def downsample_nearest(masks: Tensor, size: tuple[int, int]) -> Tensor:
     """F.interpolate(masks[None].float(), size, mode="nearest")[0] for masks [n, H, W] -> [n, h, w] (float32),
-    by picking the source rows and columns: it reads only the h*w kept pixels of every mask."""
+    by picking the source pixels: it reads only the h*w kept pixels of every mask."""
     rows = _nearest_index(masks.shape[-2], size[0], masks.device)
     cols = _nearest_index(masks.shape[-1], size[1], masks.device)
-    return masks.index_select(-2, rows).index_select(-1, cols).float()
+    return masks[:, rows[:, None], cols].float()
 
 
 def assign(costs: list[Tensor]) -> Indices:
@@ -101,6 +110,21 @@ class HungarianMatcher(nn.Module):
     def __init__(self, cost_class: float = 1.0, cost_mask: float = 20.0, cost_dice: float = 1.0) -> None:
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
+        self._scratch: dict[tuple, list[Tensor]] = {}
+
+    def scratch(self, like: Tensor, count: int) -> list[Tensor]:
+        """`count` work tensors shaped like `like`, kept between calls on CPU.
+
+        Freshly allocated multi-MB CPU tensors are returned to the OS when freed, and touching them again
+        costs a page fault per 4 KiB, more than the arithmetic done in them (CUDA's caching allocator
+        already avoids this). One shape is kept at a time; it is not part of the state dict.
+        """
+        if like.device.type != "cpu":
+            return [torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(count)]
+        key = (tuple(like.shape), like.dtype, count)
+        if key not in self._scratch:
+            self._scratch = {key: [torch.empty(like.shape, dtype=like.dtype) for _ in range(count)]}
+        return self._scratch[key]
 
     @torch.no_grad()
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
@@ -131,9 +155,11 @@ class HungarianMatcher(nn.Module):
         prob = logits.softmax(-1)                                               # [B, N, K+1]
         cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
         flat = masks.flatten(2)                                                 # [B, N, h*w]
-        mask_prob = flat.sigmoid()                        # shared by both mask costs; dice first: focal overwrites it
+        scratch = self.scratch(flat, 4)
+        # the sigmoid is shared by both mask costs; dice goes first because focal overwrites it
+        mask_prob = torch.sigmoid(flat, out=scratch[3])
         cost = self.cost_class * cost_class + self.cost_dice * _pairwise_dice(mask_prob, gt)
-        cost += self.cost_mask * _pairwise_focal_(flat, mask_prob, gt, 0.25, 2.0)  # [B, N, max n]
+        cost += self.cost_mask * _pairwise_focal_(flat, mask_prob, gt, 0.25, 2.0, scratch[:3])  # [B, N, max n]
         return [cost[b, :, :n] for b, n in enumerate(sizes)]
 
     @torch.no_grad()

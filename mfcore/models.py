@@ -68,8 +68,15 @@ class TransformerPredictor(nn.Module):
         # are computed (the paper's FLOP count leaves the auxiliary masks out).
         if not self.training:
             hs = hs[-1:]
-        masks = torch.einsum("lbqc,bchw->lbqhw", self.mask_embed(hs), mask_features)
-        per_layer = [{"pred_masks": m} for m in masks]
+        # masks[b, l, q] = mask_embed[l, b, q] . E_pixel[b]: one matrix product per image, laid out
+        # [B, L*N, h*w] so that each layer's masks are a view and their gradients come back in this very
+        # layout (an [L, B, ...] einsum output needs a permuting copy of the whole gradient).
+        embed = self.mask_embed(hs).transpose(0, 1)                          # [B, L, N, C_E]
+        batch, layers, queries, channels = embed.shape
+        height, width = mask_features.shape[-2:]
+        masks = torch.bmm(embed.reshape(batch, layers * queries, channels), mask_features.flatten(2))
+        masks = masks.view(batch, layers, queries, height, width)
+        per_layer = [{"pred_masks": m} for m in masks.unbind(1)]
         if self.class_embed is not None:
             for out, logits in zip(per_layer, self.class_embed(hs)):
                 out["pred_logits"] = logits
