@@ -15,13 +15,7 @@ from mfcore.presets import get_preset
 
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription (10x faster)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _tiny(**changes) -> torch.nn.Module:
     torch.manual_seed(0)

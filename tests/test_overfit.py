@@ -26,13 +26,7 @@ STEPS = 80      # measured: pixel accuracy ~0.97 after 50 steps, ~0.98 after 75 
 NUM_IMAGES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny model on a shared machine: one intra-op thread avoids oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pixel_accuracy(model: torch.nn.Module, images: torch.Tensor, targets: list[dict], ignore: int) -> float:
