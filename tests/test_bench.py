@@ -10,7 +10,8 @@ from mfcore.bench_steps import alternate, case, make_batch, memory_case
 def test_quick_bench_writes_json_and_markdown(tmp_path):
     from mfcore.bench import main
 
-    result = main(device="cpu", threads=1, quick=True, out_dir=str(tmp_path), compare=False, log=lambda _: None)
+    result = main(device="cpu", threads=1, quick=True, warmup=0, out_dir=str(tmp_path), compare=False,
+                  log=lambda _: None)
     data = json.loads((tmp_path / "cpu-quick.json").read_text())
     assert data == json.loads(json.dumps(result))
     env = data["environment"]
