@@ -1,7 +1,6 @@
 """Notebook hygiene, and every notebook executed headless with papermill on the smoke profile."""
 import ast
 import json
-from pathlib import Path
 
 import nbformat
 import pytest
