@@ -31,7 +31,10 @@ FORMAT = "mfcore-checkpoint-1"
 
 
 def git_commit() -> str:
-    """Commit of the mfcore source tree (with "-dirty" if it has local changes), or "unknown"."""
+    """Commit of the mfcore source tree (with "-dirty" if it has local changes), or "unknown".
+    MFCORE_GIT_COMMIT names it for a copy of the tree without .git (e.g. a job shipped to a GPU machine)."""
+    if os.environ.get("MFCORE_GIT_COMMIT"):
+        return os.environ["MFCORE_GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,

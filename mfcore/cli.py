@@ -157,14 +157,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--nproc-per-node", type=int, default=1, help=">1: training runs go through torchrun")
     p.add_argument("--only", nargs="*", help="run only the notebooks whose names contain these strings")
+    p.add_argument("--workers", type=int, help="training runs side by side first (default: the profile's)")
     p.set_defaults(func=_reproduce)
+
+    p = sub.add_parser("tables", help="train what the named tables need and write them, without notebooks")
+    p.add_argument("names", nargs="*", help="table1 table2 table3 table4 table5 table7 table8 table_queries "
+                                            "(default: all)")
+    p.add_argument("--profile", default="quick", help="smoke | quick | gpu | paper")
+    p.add_argument("--results-dir", default="", help="default: results/ (quick) or results/<profile>/")
+    p.add_argument("--data-root", default="", help="paper profile: folder with one sub-folder per dataset")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--nproc-per-node", type=int, default=1, help=">1: training runs go through torchrun")
+    p.add_argument("--workers", type=int, help="training runs side by side (default: the profile's)")
+    p.add_argument("--seeds", type=int, nargs="+", help="replace the profile's seeds (stated in the provenance)")
+    p.add_argument("--iters", type=int, help="replace the profile's iterations per run (stated in the provenance)")
+    p.set_defaults(func=_tables)
     return parser
 
 
 def _reproduce(args: argparse.Namespace) -> None:
     from .reproduce import reproduce
 
-    reproduce(args.profile, args.results_dir, args.data_root or None, args.device, args.nproc_per_node, args.only)
+    reproduce(args.profile, args.results_dir, args.data_root or None, args.device, args.nproc_per_node, args.only,
+              workers=args.workers)
+
+
+def _tables(args: argparse.Namespace) -> None:
+    from .experiments import make_context, train_runs
+    from .tables import TABLES, planned_runs, write_table
+
+    overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters}
+    ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "log",
+                       args.nproc_per_node, {k: v for k, v in overrides.items() if v is not None})
+    names = args.names or list(TABLES)
+    train_runs(ctx, planned_runs(ctx, names), args.workers or ctx.profile.parallel_runs)
+    for name in names:
+        table = TABLES[name](ctx)
+        for path in write_table(table, ctx.results_dir):
+            print(f"wrote {path}")
+        if name == "table2":  # the trend figure notebook 06 draws
+            from .figures import plot_table2_trend
+            from .viz import save_figure
+
+            figure = save_figure(plot_table2_trend(table.frame), ctx.results_dir / "figures" / "06_table2_trend.png")
+            print(f"wrote {figure}")
 
 
 def main(argv: list[str] | None = None) -> None:

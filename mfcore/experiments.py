@@ -168,13 +168,45 @@ def run_seeds(ctx: Context, specs: list[RunSpec]) -> dict:
     return summary
 
 
+def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
+    """Finish every run in `specs`, `workers` at a time (each in its own process when workers > 1).
+
+    Many small runs share one GPU far better side by side than one after the other (each alone is
+    bound by kernel launches). The specs were built in this process, so the datasets and the pretrained
+    backbone they name already exist; a failed run is reported after the others have finished.
+    """
+    todo = [s for s in specs if not (ctx.runs_dir / s.name / "final.json").is_file()]
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; training {len(todo)}, "
+          f"{min(workers, max(len(todo), 1))} at a time", flush=True)
+    if workers <= 1 or len(todo) <= 1:
+        for spec in todo:
+            run(ctx, spec)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    failed = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run, ctx, spec): spec.name for spec in todo}
+        for future in as_completed(futures):
+            error = future.exception()
+            print(f"run {futures[future]}: {'failed: ' + repr(error) if error else 'finished'}", flush=True)
+            if error:
+                failed.append(futures[future])
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {failed}; finished runs are kept, run again to retry")
+
+
 def make_context(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
-                 progress: str = "log", nproc_per_node: int = 1) -> Context:
+                 progress: str = "log", nproc_per_node: int = 1, profile_overrides: dict | None = None) -> Context:
     """The Context of a notebook's parameters cell. results_dir "" means results/ for the quick profile
-    (the committed tables) and results/<profile>/ otherwise, in the source checkout."""
+    (the committed tables) and results/<profile>/ otherwise, in the source checkout. profile_overrides:
+    Profile fields to replace, e.g. {"seeds": (0,)} (the provenance lines state the values used)."""
     from .profiles import get_profile
 
     prof = get_profile(profile)
+    if profile_overrides:
+        prof = dataclasses.replace(prof, **profile_overrides)
     if not results_dir:
         results_dir = str(REPO / "results") if profile == "quick" else str(REPO / "results" / profile)
     return Context(prof, Path(results_dir), data_root=data_root or None,

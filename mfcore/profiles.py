@@ -33,6 +33,7 @@ class Profile:
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0,)          # the tables report the median over seeds
     eval_images: int | None = None         # None: the whole val split
+    parallel_runs: int = 1                 # training runs side by side in the batch pipeline (one GPU fits many)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     device: str = "auto"
 
@@ -55,7 +56,7 @@ PROFILES: dict[str, Profile] = {
     "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 32, 128, 256), base_classes=128,
                    query_counts=(20, 50, 100, 200), num_queries=100, iters=8000, batch_size=32, seeds=(0, 1, 2),
                    pretrain=PretrainConfig(num_primitives=23, num_train=50000, num_val=2000, iters=6000,
-                                           batch_size=256), device="cuda"),
+                                           batch_size=256), device="cuda", parallel_runs=6),
     "paper": Profile("paper", synthetic=False, seeds=(0, 1, 2), num_queries=100, device="cuda"),
 }
 

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import git_commit, write_json
-from .experiments import REPO, make_context
+from .experiments import REPO, make_context, train_runs
 
 NOTEBOOKS = REPO / "notebooks"
 
@@ -51,10 +51,12 @@ def _echo_notebook_output() -> None:
 
 def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
               nproc_per_node: int = 1, only: list[str] | None = None, folder: Path = NOTEBOOKS,
-              cache_dir: str | None = None, executed_dir: str | None = None) -> dict:
+              cache_dir: str | None = None, executed_dir: str | None = None, workers: int | None = None) -> dict:
     """Run the notebooks (all, or those whose name contains one of `only`); returns the timing summary.
     cache_dir: where generated datasets and pretrained backbones go (default data/generated; passed to the
-    kernels as MFCORE_CACHE). executed_dir: executed copies (default results/executed/<profile>)."""
+    kernels as MFCORE_CACHE). executed_dir: executed copies (default results/executed/<profile>).
+    workers: training runs side by side before the notebooks start (default: the profile's parallel_runs;
+    1 leaves every run to the notebook that needs it)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
@@ -68,6 +70,13 @@ def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | No
                   progress="log", interactive=False, nproc_per_node=nproc_per_node)
     todo = [nb for nb in notebooks(folder) if not only or any(o in nb.name for o in only)]
     timings, start = {}, time.perf_counter()
+    workers = workers or ctx.profile.parallel_runs
+    if workers > 1 and not only:
+        from .tables import planned_runs
+
+        print(f"[0/{len(todo)}] training every table's runs, {workers} side by side", flush=True)
+        train_runs(ctx, planned_runs(ctx), workers)
+        timings["parallel training"] = round(time.perf_counter() - start, 1)
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         t0 = time.perf_counter()

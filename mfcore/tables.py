@@ -12,12 +12,13 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import pandas as pd
 
 from . import paper_numbers as paper
 from .checkpoint import _atomic_write, git_commit
-from .experiments import Context, paper_spec, run_seeds, synthetic_spec
+from .experiments import Context, RunSpec, paper_spec, run_seeds, synthetic_spec
 
 
 @dataclass
@@ -82,11 +83,62 @@ MODEL_NAMES = {"perpixel": "PerPixelBaseline", "perpixelplus": "PerPixelBaseline
                "maskformer-fixed": "MaskFormer-fixed", "maskformer-boxmatch": "MaskFormer (box matching)"}
 
 
+TABLE2_MODELS = ("perpixel", "perpixelplus", "maskformer")
+TABLE4_MODELS = ("perpixelplus", "maskformer-fixed", "maskformer")
+TABLE8_VARIANTS = {"1 layer": dict(dec_layers=1), "6 layers": {}, "6 layers, no self-attention": dict(self_attention=False)}
+
+
+def _runs_table2(ctx: Context) -> dict:
+    return {(k, dataset, m): _specs(ctx, m, k, dataset) for k, dataset in _settings(ctx) for m in TABLE2_MODELS}
+
+
+def _runs_table4(ctx: Context) -> dict:
+    return {m: _specs(ctx, m, ctx.profile.base_classes, "ade20k") for m in TABLE4_MODELS}
+
+
+def _query_counts(ctx: Context) -> tuple[int, ...]:
+    return ctx.profile.query_counts if ctx.profile.synthetic else (20, 50, 100, 150, 300, 1000)
+
+
+def _runs_queries(ctx: Context) -> dict:
+    k = ctx.profile.base_classes
+    return {"perpixelplus": _specs(ctx, "perpixelplus", k, "ade20k"),
+            **{n: _specs(ctx, "maskformer", k, "ade20k", tag=f"q{n}", num_queries=n) for n in _query_counts(ctx)}}
+
+
+def _runs_table8(ctx: Context) -> dict:
+    return {label: _specs(ctx, "maskformer", ctx.profile.base_classes, "ade20k",
+                          tag="-".join(f"{key}{value}" for key, value in overrides.items()), **overrides)
+            for label, overrides in TABLE8_VARIANTS.items()}
+
+
+def _runs_table5(ctx: Context) -> dict:
+    return {m: _specs(ctx, m, ctx.profile.base_classes, "coco-panoptic", panoptic=True)
+            for m in ("maskformer-boxmatch", "maskformer")}
+
+
+def _runs_model_size(presets: dict) -> Callable[[Context], dict]:
+    def runs(ctx: Context) -> dict:
+        return {p: [paper_spec(ctx, p, s) for s in ctx.profile.seeds] for p in presets} if not ctx.profile.synthetic else {}
+    return runs
+
+
+def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
+    """Every training run the named tables (default: all) need, each once, in table order."""
+    names = names or list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}: expected some of {list(RUNS)}")
+    specs = {s.name: s for n in names for group in RUNS[n](ctx).values() for s in group}
+    return list(specs.values())
+
+
 def table2(ctx: Context) -> Table:
     """Table 2: per-pixel vs mask classification as the number of classes grows."""
     start, seconds, rows = time.perf_counter(), 0.0, []
+    groups = _runs_table2(ctx)
     for k, dataset in _settings(ctx):
-        results = {m: run_seeds(ctx, _specs(ctx, m, k, dataset)) for m in ("perpixel", "perpixelplus", "maskformer")}
+        results = {m: run_seeds(ctx, groups[k, dataset, m]) for m in TABLE2_MODELS}
         seconds += sum(r["seconds"] for r in results.values())
         base_ours = _sem(results["perpixelplus"])[0]
         base_paper = paper.TABLE2["perpixelplus"][dataset][0]
@@ -106,8 +158,8 @@ def table2(ctx: Context) -> Table:
 
 def table4(ctx: Context) -> Table:
     """Table 4: (a) per-pixel vs mask classification with the same fixed matching; (b) fixed vs bipartite."""
-    start, k, dataset = time.perf_counter(), ctx.profile.base_classes, "ade20k"
-    results = {m: run_seeds(ctx, _specs(ctx, m, k, dataset)) for m in ("perpixelplus", "maskformer-fixed", "maskformer")}
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    results = {m: run_seeds(ctx, specs) for m, specs in _runs_table4(ctx).items()}
     rows = []
     for model, result in results.items():
         miou, pq_st = _sem(result)
@@ -125,16 +177,16 @@ def table4(ctx: Context) -> Table:
 def table_queries(ctx: Context) -> Table:
     """Number of queries. Synthetic runs are matched to the paper's rows by the ratio N/K."""
     start, k = time.perf_counter(), ctx.profile.base_classes
-    counts = ctx.profile.query_counts if ctx.profile.synthetic else (20, 50, 100, 150, 300, 1000)
+    groups = _runs_queries(ctx)
     rows, seconds = [], 0.0
-    ref = run_seeds(ctx, _specs(ctx, "perpixelplus", k, "ade20k"))
+    ref = run_seeds(ctx, groups["perpixelplus"])
     seconds += ref["seconds"]
     rows.append({"queries": "PerPixelBaseline+ (N=K)", "paper row": "PerPixelBaseline+",
                  "mIoU paper": paper.QUERIES["perpixelplus"][0], "mIoU ours": _sem(ref)[0],
                  "PQ^St paper": paper.QUERIES["perpixelplus"][1], "PQ^St ours": _sem(ref)[1]})
     paper_ns = [n for n in paper.QUERIES if isinstance(n, int)]
-    for n in counts:
-        result = run_seeds(ctx, _specs(ctx, "maskformer", k, "ade20k", tag=f"q{n}", num_queries=n))
+    for n in _query_counts(ctx):
+        result = run_seeds(ctx, groups[n])
         seconds += result["seconds"]
         match = n if not ctx.profile.synthetic else min(paper_ns, key=lambda p: abs(p / 150 - n / k))
         rows.append({"queries": n, "paper row": f"N={match} (N/K={match / 150:.2f})",
@@ -151,12 +203,9 @@ def table_queries(ctx: Context) -> Table:
 def table8(ctx: Context) -> Table:
     """Table VIII: decoder layers, with and without self-attention (semantic metrics)."""
     start, k = time.perf_counter(), ctx.profile.base_classes
-    variants = {"1 layer": dict(dec_layers=1), "6 layers": {},
-                "6 layers, no self-attention": dict(self_attention=False)}
     rows, seconds = [], 0.0
-    for label, overrides in variants.items():
-        tag = "-".join(f"{key}{value}" for key, value in overrides.items())
-        result = run_seeds(ctx, _specs(ctx, "maskformer", k, "ade20k", tag=tag, **overrides))
+    for label, specs in _runs_table8(ctx).items():
+        result = run_seeds(ctx, specs)
         seconds += result["seconds"]
         s, p = result["semantic"], paper.TABLE8[label][0]
         rows.append({"decoder": label, "mIoU paper": p[0], "mIoU ours": s["mIoU"], "mIoU delta": s["mIoU"] - p[0],
@@ -171,8 +220,8 @@ def table5(ctx: Context) -> Table:
     """Table 5: box matching vs mask matching, panoptic quality (synthetic panoptic scenes or COCO)."""
     start, k = time.perf_counter(), ctx.profile.base_classes
     rows, seconds = [], 0.0
-    for model in ("maskformer-boxmatch", "maskformer"):
-        result = run_seeds(ctx, _specs(ctx, model, k, "coco-panoptic", panoptic=True))
+    for model, specs in _runs_table5(ctx).items():
+        result = run_seeds(ctx, specs)
         seconds += result["seconds"]
         pan, p = result["panoptic"], paper.TABLE5[model]
         rows.append({"matching": "box" if "box" in model else "mask",
@@ -197,7 +246,7 @@ def model_size_table(ctx: Context, name: str, presets: dict, title: str, score_c
                "FLOPs size": f"{a['size'][0]}x{a['size'][1]}"}
         scores = None
         if not ctx.profile.synthetic:
-            result = run_seeds(ctx, [paper_spec(ctx, preset, s) for s in ctx.profile.seeds])
+            result = run_seeds(ctx, _runs_model_size(presets)(ctx)[preset])
             seconds += result["seconds"]
             scores = result
         row.update(score_columns(ref, scores))
@@ -232,9 +281,10 @@ def table7(ctx: Context) -> Table:
 
     start, k = time.perf_counter(), ctx.profile.base_classes
     rows, seconds = [], 0.0
-    ref = run_seeds(ctx, _specs(ctx, "perpixelplus", k, "ade20k"))
+    groups = _runs_table4(ctx)
+    ref = run_seeds(ctx, groups["perpixelplus"])
     seconds += ref["seconds"]
-    specs = _specs(ctx, "maskformer", k, "ade20k")
+    specs = groups["maskformer"]
     semantic = run_seeds(ctx, specs)
     seconds += semantic["seconds"]
     general = []
@@ -256,3 +306,13 @@ def table7(ctx: Context) -> Table:
     return Table("table7", "Table VII: semantic vs general inference (mIoU / PQ^St / SQ^St / RQ^St)",
                  pd.DataFrame(rows), provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
                  ["The paper: general inference (threshold 0.3) trades mIoU for PQ^St: fewer false-positive segments."])
+
+
+# the runs behind each table (table7 reads the checkpoints of table4's runs)
+RUNS: dict[str, Callable[[Context], dict]] = {
+    "table1": _runs_model_size(paper.TABLE1), "table2": _runs_table2, "table3": _runs_model_size(paper.TABLE3),
+    "table4": _runs_table4, "table5": _runs_table5, "table7": _runs_table4, "table8": _runs_table8,
+    "table_queries": _runs_queries}
+TABLES: dict[str, Callable[[Context], Table]] = {
+    "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table7": table7,
+    "table8": table8, "table_queries": table_queries}
