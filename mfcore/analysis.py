@@ -35,8 +35,10 @@ def semantic_forward(model: SegmentationModel, images: torch.Tensor) -> torch.Te
     out = model(images)
     size = images.shape[-2:]
     if "pred_logits" in out:
-        masks = F.interpolate(out["pred_masks"], size=size, mode="bilinear", align_corners=False)
-        return torch.stack([semantic_inference(l, m) for l, m in zip(out["pred_logits"], masks)])
+        # channels-last upsampling leaves the query axis innermost, as semantic_inference reads it
+        masks = out["pred_masks"].contiguous(memory_format=torch.channels_last)
+        masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        return semantic_inference(out["pred_logits"], masks, inplace=True)
     logits = F.interpolate(out["sem_seg_logits"], size=size, mode="bilinear", align_corners=False)
     return logits.softmax(dim=1)
 

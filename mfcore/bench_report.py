@@ -5,7 +5,6 @@ import datetime
 import json
 import os
 import platform
-import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -13,8 +12,8 @@ from pathlib import Path
 import torch
 
 from . import bench_hf
+from .checkpoint import git_commit
 
-REPO = Path(__file__).resolve().parent.parent
 PACKAGES = ("torch", "torchvision", "timm", "numpy", "scipy", "transformers")
 
 
@@ -36,16 +35,12 @@ def _cpu_name() -> str:
 
 
 def _git() -> dict:
-    """Commit of the checkout the package runs from, and whether tracked files differ from it."""
-    def run(*args: str) -> str | None:
-        try:
-            proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return proc.stdout.strip() if proc.returncode == 0 else None
-    commit = run("rev-parse", "HEAD")
-    status = run("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+    """Commit of the checkout the package runs from (mfcore.checkpoint.git_commit), and whether tracked
+    files differ from it."""
+    commit = git_commit()
+    if commit == "unknown":
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty")}
 
 
 def environment(device: torch.device, threads: int, command: list[str] | None = None) -> dict:

@@ -33,27 +33,39 @@ ADE20K_TTA_SHORT_SIDES = (256, 384, 512, 640, 768, 896)
 ADE20K_TTA_MAX_SIZE = 3584
 
 
-def _check_pairs(pred_logits: Tensor, pred_masks: Tensor) -> None:
-    if pred_logits.dim() != 2 or pred_masks.dim() != 3 or pred_logits.shape[0] != pred_masks.shape[0]:
+def _check_pairs(pred_logits: Tensor, pred_masks: Tensor, batched: bool = False) -> None:
+    """pred_logits [N, K+1] and pred_masks [N, H, W]; with `batched`, any leading dims shared by both."""
+    lead = max(pred_logits.dim() - 2, 0) if batched else 0
+    if (pred_logits.dim() != 2 + lead or pred_masks.dim() != 3 + lead
+            or pred_logits.shape[:-1] != pred_masks.shape[:-2]):
+        dims = "*, " if batched else ""
         raise ValueError(
-            f"expected pred_logits [N, K+1] and pred_masks [N, H, W] with the same N, got "
+            f"expected pred_logits [{dims}N, K+1] and pred_masks [{dims}N, H, W] with the same N, got "
             f"{tuple(pred_logits.shape)} and {tuple(pred_masks.shape)}"
         )
 
 
-def semantic_inference(pred_logits: Tensor, pred_masks: Tensor) -> Tensor:
+def semantic_inference(pred_logits: Tensor, pred_masks: Tensor, inplace: bool = False) -> Tensor:
     """Per-pixel class scores of semantic inference (paper Sec. 3.4).
 
     Args:
-        pred_logits: [N, K+1] class logits; the last column is "no object".
-        pred_masks: [N, H, W] mask logits.
+        pred_logits: [*, N, K+1] class logits; the last column is "no object".
+        pred_masks: [*, N, H, W] mask logits (* = optional batch dims, the same in both).
+        inplace: overwrite pred_masks with their sigmoid instead of allocating a second tensor of their
+            size (for callers whose masks are a temporary, e.g. just upsampled).
     Returns:
-        [K, H, W] scores ``sum_i softmax(p_i)[c] * sigmoid(m_i)``; "no object" is dropped so every
-        pixel takes a real label at the argmax.
+        [*, K, H, W] scores ``sum_i softmax(p_i)[c] * sigmoid(m_i)``; "no object" is dropped so every
+        pixel takes a real label at the argmax. The scores are computed pixel-major, as
+        [*, H*W, N] @ [*, N, K], and returned as a view of that [*, H, W, K] result: an argmax over
+        classes then reads contiguous memory. Masks whose query axis is innermost in memory (as
+        `postprocess_masks` and channels-last F.interpolate give) enter the product without a copy.
     """
-    _check_pairs(pred_logits, pred_masks)
-    probs = pred_logits.softmax(dim=-1)[:, :-1]  # [N, K]
-    return torch.einsum("nc,nhw->chw", probs, pred_masks.sigmoid())
+    _check_pairs(pred_logits, pred_masks, batched=True)
+    probs = pred_logits.softmax(dim=-1)[..., :-1]  # [*, N, K]
+    height, width = pred_masks.shape[-2:]
+    mask_probs = pred_masks.sigmoid_() if inplace else pred_masks.sigmoid()
+    pixels = mask_probs.movedim(-3, -1).flatten(-3, -2)  # [*, H*W, N]
+    return torch.matmul(pixels, probs).unflatten(-2, (height, width)).movedim(-1, -3)
 
 
 def panoptic_inference(
@@ -185,15 +197,19 @@ def postprocess_masks(
         output_size: (H_out, W_out) of the original image.
     Returns:
         [B, N, H_out, W_out] or [N, H_out, W_out]; bilinear, align_corners=False, as in the released code.
+        Channels-last in memory (N innermost), the layout `semantic_inference` and a softmax over
+        classes read fastest.
     """
     if masks.dim() not in (3, 4):
         raise ValueError(f"expected masks [B, N, h, w] or [N, h, w], got shape {tuple(masks.shape)}")
     if image_size[0] > padded_size[0] or image_size[1] > padded_size[1]:
         raise ValueError(f"image_size {tuple(image_size)} does not fit in padded_size {tuple(padded_size)}")
     batched = masks if masks.dim() == 4 else masks[None]
+    batched = batched.contiguous(memory_format=torch.channels_last)  # F.interpolate keeps the layout
     batched = F.interpolate(batched, size=tuple(padded_size), mode="bilinear", align_corners=False)
     batched = batched[:, :, : image_size[0], : image_size[1]]
-    batched = F.interpolate(batched, size=tuple(output_size), mode="bilinear", align_corners=False)
+    if tuple(output_size) != tuple(image_size):  # at the same size, bilinear resampling returns its input
+        batched = F.interpolate(batched, size=tuple(output_size), mode="bilinear", align_corners=False)
     return batched if masks.dim() == 4 else batched[0]
 
 
@@ -248,7 +264,7 @@ def predict_semantic(
     padded_size = tuple(batch.shape[-2:])
     if "pred_logits" in outputs:
         masks = postprocess_masks(outputs["pred_masks"][0], padded_size, image_size, output_size)
-        return semantic_inference(outputs["pred_logits"][0], masks)
+        return semantic_inference(outputs["pred_logits"][0], masks, inplace=True)
     if "sem_seg_logits" in outputs:
         logits = postprocess_masks(outputs["sem_seg_logits"][0], padded_size, image_size, output_size)
         return logits.softmax(dim=0)

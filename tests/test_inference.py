@@ -51,6 +51,25 @@ def test_semantic_inference_matches_double_loop():
 def test_semantic_inference_rejects_mismatched_queries():
     with pytest.raises(ValueError, match="same N"):
         semantic_inference(torch.zeros(3, 5), torch.zeros(4, 2, 2))
+    with pytest.raises(ValueError, match="same N"):  # batch dims must agree too
+        semantic_inference(torch.zeros(2, 3, 5), torch.zeros(1, 3, 2, 2))
+
+
+def test_semantic_inference_any_mask_layout_batch_and_inplace():
+    """Pixel-major scores equal the class-major product sum_i p_i(c) sigmoid(m_i) in every layout."""
+    torch.manual_seed(0)
+    b, n, k, h, w = 2, 7, 5, 6, 9
+    logits, masks = torch.randn(b, n, k + 1), 3 * torch.randn(b, n, h, w)
+    expected = torch.einsum("bnc,bnhw->bchw", logits.softmax(-1)[..., :-1], masks.sigmoid())
+    channels_last = masks.contiguous(memory_format=torch.channels_last)
+    cropped = F.pad(channels_last, (0, 3, 0, 2))[..., :h, :w]  # a padded map's crop, as postprocess_masks gives
+    for layout in (masks, channels_last, cropped):
+        torch.testing.assert_close(semantic_inference(logits, layout), expected)
+        for i in range(b):
+            torch.testing.assert_close(semantic_inference(logits[i], layout[i]), expected[i])
+    scores = semantic_inference(logits, channels_last, inplace=True)
+    torch.testing.assert_close(scores, expected)
+    torch.testing.assert_close(channels_last, masks.sigmoid())  # overwritten with the probabilities
 
 
 def _panoptic_case():
@@ -162,6 +181,19 @@ def test_postprocess_masks_crop_and_resize_values():
     torch.testing.assert_close(big[0, :, :18], torch.ones(16, 18))
     with pytest.raises(ValueError, match="does not fit"):
         postprocess_masks(masks, (16, 16), (20, 12), (20, 12))
+
+
+@pytest.mark.parametrize("output_size", [(21, 30), (40, 17)])
+def test_postprocess_masks_equals_upsample_crop_resize(output_size):
+    """The released code's two resizes; at output size = image size the second one returns its input
+    exactly, so postprocess_masks skips it."""
+    torch.manual_seed(0)
+    masks = 5 * torch.randn(2, 7, 8, 8)
+    upsampled = F.interpolate(masks, size=(32, 32), mode="bilinear", align_corners=False)[..., :21, :30]
+    expected = F.interpolate(upsampled, size=output_size, mode="bilinear", align_corners=False)
+    out = postprocess_masks(masks, (32, 32), (21, 30), output_size)
+    assert torch.equal(out, expected)
+    assert torch.equal(postprocess_masks(masks[0], (32, 32), (21, 30), output_size), expected[0])
 
 
 def test_pad_images():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mfcore.analysis import analyze, count_parameters
+from mfcore.analysis import analyze, count_parameters, semantic_forward
 from mfcore.config import LossConfig
 from mfcore.losses import build_criterion, total_loss
 from mfcore.models import build_model
@@ -47,6 +47,21 @@ def test_flops_match_the_paper(preset, gflops):
     expected_size = [640, 640] if preset.endswith(("swin-b", "swin-l")) else [512, 512]
     assert result["size"] == expected_size
     assert result["flops"] / 1e9 == pytest.approx(gflops, rel=0.03)
+
+
+def test_semantic_forward_equals_per_image_reference(one_thread):
+    """Batched, channels-last, pixel-major semantic_forward = upsample each image's masks, then
+    einsum("nc,nhw->chw") of class probabilities and mask probabilities."""
+    torch.manual_seed(0)
+    model = build_model("synthetic-maskformer-r18").eval()
+    images = torch.rand(2, 3, 64, 96) * 255
+    with torch.no_grad():
+        scores = semantic_forward(model, images)
+        out = model(images)
+    masks = torch.nn.functional.interpolate(out["pred_masks"], size=(64, 96), mode="bilinear", align_corners=False)
+    expected = torch.stack([torch.einsum("nc,nhw->chw", logits.softmax(-1)[:, :-1], m.sigmoid())
+                            for logits, m in zip(out["pred_logits"], masks)])
+    torch.testing.assert_close(scores, expected)
 
 
 def test_aux_masks_are_not_computed_at_inference():
