@@ -31,7 +31,7 @@ FORMAT = "mfcore-checkpoint-1"
 
 
 def git_commit() -> str:
-    """Commit of the mfcore source tree (with "-dirty" if it has local changes), or "unknown".
+    """Commit of the mfcore source tree (with "-dirty" if files outside results/ have local changes), or "unknown".
     MFCORE_GIT_COMMIT names it for a copy of the tree without .git (e.g. a job shipped to a GPU machine)."""
     if os.environ.get("MFCORE_GIT_COMMIT"):
         return os.environ["MFCORE_GIT_COMMIT"]
@@ -39,8 +39,9 @@ def git_commit() -> str:
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+        # results/ is written by the runs themselves: changes there do not make the source dirty
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":!results"],
+                               cwd=root, capture_output=True, text=True, timeout=10, check=True).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return commit + ("-dirty" if dirty else "")

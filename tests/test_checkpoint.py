@@ -103,3 +103,12 @@ def test_config_differences_and_json():
     assert ck.config_differences(a, b) == ["model.num_queries: 20 != 7", f"train.lr: {p.train.lr!r} != 5.0"]
     assert ck.config_differences(a, b, ignore=("lr", "num_queries")) == []
     assert ck.json_safe({"a": float("nan"), "b": (1.5, float("inf"))}) == {"a": None, "b": [1.5, None]}
+
+
+def test_git_commit_can_be_named_for_a_tree_without_git(monkeypatch):
+    from mfcore.checkpoint import git_commit
+
+    monkeypatch.setenv("MFCORE_GIT_COMMIT", "0123abc")
+    assert git_commit() == "0123abc"
+    monkeypatch.delenv("MFCORE_GIT_COMMIT")
+    assert git_commit() != "0123abc"
