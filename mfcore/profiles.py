@@ -2,7 +2,8 @@
 
     smoke  the tests: every notebook end to end in about a minute (numbers meaningless)
     quick  the embedded default: a laptop CPU, all notebooks in under 25 minutes on 2 cores
-    gpu    larger synthetic scenes on one GPU, sized to show the paper's trends (under 1 hour on an H100)
+    gpu    larger synthetic scenes on one GPU, sized to show the paper's trends (not yet completed on a GPU:
+           see the README for what one H100 session measured)
     paper  the paper's presets on the real datasets (data_root), full schedules, many GPUs via torchrun
 
 Synthetic profiles train the small presets (`synthetic-<model>-<backbone>`) from one backbone pretrained
@@ -33,7 +34,7 @@ class Profile:
     lr: float = 1e-3
     seeds: tuple[int, ...] = (0,)          # the tables report the median over seeds
     eval_images: int | None = None         # None: the whole val split
-    parallel_runs: int = 1                 # training runs side by side in the batch pipeline (one GPU fits many)
+    parallel_runs: int = 1                 # training runs side by side in the batch pipeline (small runs leave a GPU idle)
     pretrain: PretrainConfig = dataclasses.field(default_factory=PretrainConfig)
     device: str = "auto"
 
@@ -56,7 +57,7 @@ PROFILES: dict[str, Profile] = {
     "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 32, 128, 256), base_classes=128,
                    query_counts=(20, 50, 100, 200), num_queries=100, iters=8000, batch_size=32, seeds=(0, 1, 2),
                    pretrain=PretrainConfig(num_primitives=23, num_train=50000, num_val=2000, iters=6000,
-                                           batch_size=256), device="cuda", parallel_runs=6),
+                                           batch_size=256), device="cuda", parallel_runs=4),
     "paper": Profile("paper", synthetic=False, seeds=(0, 1, 2), num_queries=100, device="cuda"),
 }
 
