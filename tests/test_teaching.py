@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from mfcore import teaching
+from mfcore import teaching, teaching_matching
 from mfcore.analysis import count_parameters
 from mfcore.inference import semantic_inference
 from mfcore.losses import build_criterion, total_loss
@@ -102,19 +102,19 @@ def test_paper_models_table_params_and_paper_column():
 
 # ----------------------------------------------------------------------------- 03
 def test_matching_example_hungarian_vs_fixed():
-    ex = teaching.matching_example()
+    ex = teaching_matching.matching_example()
     rows, cols = HungarianMatcher()(ex["outputs"], ex["targets"])[0]
     assert ex["targets"][0]["labels"].tolist() == [1, 2, 4]
     assert dict(zip(rows.tolist(), cols.tolist())) == {0: 2, 3: 0, 5: 1}   # the queries built to fit
     fixed_rows, fixed_cols = FixedMatcher()(ex["outputs"], ex["targets"])[0]
     assert fixed_rows.tolist() == [1, 2, 4] and fixed_cols.tolist() == [0, 1, 2]
-    total = teaching.cost_terms(ex["outputs"], ex["targets"])["total"]
+    total = teaching_matching.cost_terms(ex["outputs"], ex["targets"])["total"]
     assert total[rows, cols].sum() < total[fixed_rows, fixed_cols].sum()
 
 
 def test_cost_terms_sum_to_the_total_and_class_term_is_minus_p():
-    ex = teaching.matching_example()
-    terms = teaching.cost_terms(ex["outputs"], ex["targets"])
+    ex = teaching_matching.matching_example()
+    terms = teaching_matching.cost_terms(ex["outputs"], ex["targets"])
     parts = [v for k, v in terms.items() if k != "total"]
     torch.testing.assert_close(sum(parts), terms["total"])
     prob = ex["outputs"]["pred_logits"][0].softmax(-1)
@@ -124,12 +124,12 @@ def test_cost_terms_sum_to_the_total_and_class_term_is_minus_p():
     p = logits.sigmoid()
     focal = -(0.25 * target * (1 - p) ** 2 * p.log() + 0.75 * (1 - target) * p ** 2 * (1 - p).log()).mean()
     assert terms["20 x focal"][0, 2].item() == pytest.approx(20 * focal.item(), rel=1e-3)
-    fig = teaching.plot_cost_terms(terms, ["c1", "c2", "c4"])
+    fig = teaching_matching.plot_cost_terms(terms, ["c1", "c2", "c4"])
     assert len(fig.axes) == 4 and all(len(ax.patches) == 3 for ax in fig.axes)
 
 
 def test_focal_with_gamma_zero_is_alpha_times_bce():
-    fig = teaching.plot_focal_vs_bce(alpha=0.25, gammas=(0.0, 2.0))
+    fig = teaching_matching.plot_focal_vs_bce(alpha=0.25, gammas=(0.0, 2.0))
     left = fig.axes[0]
     bce, focal0, focal2 = (np.asarray(line.get_ydata()) for line in left.lines)
     np.testing.assert_allclose(focal0, 0.25 * bce, rtol=1e-5)
@@ -138,8 +138,8 @@ def test_focal_with_gamma_zero_is_alpha_times_bce():
 
 
 def test_dice_cases_by_hand():
-    cases = teaching.dice_cases(size=32)
-    table = teaching.dice_table(cases)
+    cases = teaching_matching.dice_cases(size=32)
+    table = teaching_matching.dice_table(cases)
     logits, target = cases["small, missed"]
     q, t, n = torch.sigmoid(torch.tensor(-6.0)).item(), target.sum().item(), target.numel()
     assert table.loc["small, missed", "dice"] == pytest.approx(1 - (2 * q * t + 1) / (q * n + t + 1), rel=1e-5)
@@ -149,7 +149,7 @@ def test_dice_cases_by_hand():
     assert table.loc["small, missed", "dice"] > 0.9 and table.loc["large, missed", "dice"] > 0.9
     assert table.loc["small, missed", "BCE (mean)"] < table.loc["large, missed", "BCE (mean)"] / 5
     assert table.loc["large, perfect", "dice"] < 0.01
-    assert len(teaching.plot_dice_cases(cases).axes) == 6
+    assert len(teaching_matching.plot_dice_cases(cases).axes) == 6
 
 
 def test_synthetic_batch_targets_partition_the_labelled_pixels():
