@@ -41,6 +41,9 @@ GPU_PEAKS = (("H100 PCIe", (51.2, 378.0, 756.0)), ("H100 NVL", (60.0, 417.5, 835
              ("A10", (31.2, 62.5, 125.0)), ("RTX 4090", (82.6, 82.6, 165.2)))
 
 
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+
+
 def gpu_peak_tflops(name: str, amp: str | None) -> tuple[float | None, str]:
     """Datasheet peak for the precision the convolutions run in: bf16 under autocast, else tf32 when cuDNN
     may use it (PyTorch's default), else fp32."""
@@ -72,18 +75,18 @@ def same_assignment(fns: dict[str, Callable[[], list]]) -> bool:
     return pairs["mfcore"] == pairs["transformers"]
 
 
-def _contenders(impls: list[str], device: torch.device, compile_model: bool) -> tuple[dict, dict]:
-    """(eager models, models to time): with compile_model the timed mfcore model is torch.compile'd;
-    FLOPs are always counted on the eager one."""
+def _contenders(impls: list[str], device: torch.device, compile_mode: str | None) -> tuple[dict, dict]:
+    """(eager models, models to time): with a compile_mode the timed mfcore model is torch.compile'd in
+    that mode ("reduce-overhead" adds CUDA graphs on GPU); FLOPs are always counted on the eager one."""
     eager = {impl: build_contender(impl, device) for impl in impls}
-    timed = dict(eager, mfcore=torch.compile(eager["mfcore"])) if compile_model else dict(eager)
+    timed = dict(eager, mfcore=torch.compile(eager["mfcore"], mode=compile_mode)) if compile_mode else dict(eager)
     return eager, timed
 
 
 def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
-              memory: bool, compile_model: bool, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+              memory: bool, compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    eager, models = _contenders(impls, device, compile_model)
+    eager, models = _contenders(impls, device, compile_mode)
     cases, checks = [], {}
     if with_hf:
         checks["loss_on_same_predictions"] = loss_cross_check(models["transformers"], sizes["train"][0], device)
@@ -129,10 +132,10 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
 
 
 def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
-              memory: bool, compile_model: bool, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+              memory: bool, compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     torch.backends.cudnn.benchmark = True  # both sides: let cuDNN pick its fastest kernels for fixed shapes
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    eager, models = _contenders(impls, device, compile_model)
+    eager, models = _contenders(impls, device, compile_mode)
     name = torch.cuda.get_device_properties(device).name if device.type == "cuda" else "cpu"
     cases, checks = [], {}
 
@@ -178,10 +181,13 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
 
 def main(device: str = "cpu", threads: int | None = None, reps: int | None = None, warmup: int = 1,
          quick: bool = False, out_dir: str = "results/benchmarks", compare: bool = True, memory: bool = True,
-         compile_model: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run the suite for `device`, print the table, write <out_dir>/<device>[-quick][-compiled].{json,md};
+         compile_mode: str | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the suite for `device`, print the table, write <out_dir>/<device>[-quick][-compiled[-MODE]].{json,md};
     returns the result dict. compare=False (or transformers not installed) times mfcore alone;
-    compile_model times torch.compile(mfcore model) (transformers stays eager; warm-up includes compiling)."""
+    compile_mode ("default", "reduce-overhead", "max-autotune") times torch.compile(mfcore model, mode=...)
+    (transformers stays eager; warm-up includes compiling)."""
+    if compile_mode not in COMPILE_MODES:
+        raise ValueError(f"compile_mode={compile_mode!r}: expected one of {COMPILE_MODES}")
     dev = resolve_device(device)
     if threads is not None:
         if threads < 1:
@@ -197,11 +203,12 @@ def main(device: str = "cpu", threads: int | None = None, reps: int | None = Non
     env = environment(dev, threads)
     suite = cpu_suite if dev.type == "cpu" else gpu_suite
     cases, checks = suite(dev, SIZES["quick" if quick else "full"], reps, warmup, with_hf, threads, memory,
-                          compile_model, log)
+                          compile_mode, log)
     env["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    result = {"environment": env, "quick": quick, "compiled": compile_model, "reps": reps, "warmup": warmup,
+    result = {"environment": env, "quick": quick, "compiled": compile_mode, "reps": reps, "warmup": warmup,
               "cases": cases, "checks": checks}
-    stem = dev.type + ("-quick" if quick else "") + ("-compiled" if compile_model else "")
+    compiled = "" if not compile_mode else "-compiled" + ("" if compile_mode == "default" else "-" + compile_mode)
+    stem = dev.type + ("-quick" if quick else "") + compiled
     json_path, md_path = write_results(result, out_dir, stem)
     print_table(cases)
     log(f"wrote {json_path} and {md_path}")

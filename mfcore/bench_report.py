@@ -110,7 +110,7 @@ def markdown(result: dict) -> str:
     commit = (git["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if git["dirty"] else "")
     hardware = m["gpu"]["name"] if "gpu" in m else f"{m['cpu']}, {m['usable_cpus']} usable CPUs"
     load = " -> ".join(f"{x[0]:.1f}" for x in (m.get("load_average_start"), m.get("load_average_end")) if x)
-    flags = (", quick" if result["quick"] else "") + (", mfcore torch.compile'd" if result.get("compiled") else "")
+    flags = (", quick" if result["quick"] else "") + (f", mfcore torch.compile'd ({result['compiled']})" if result.get("compiled") else "")
     lines = [f"# mfcore benchmarks ({env['device']}{flags})", "",
              f"- date: {env['date']}; git commit {commit}",
              f"- command: `{env['command']}`",

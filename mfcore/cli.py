@@ -87,7 +87,7 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench import main as bench
 
     bench(device=args.device, threads=args.threads, reps=args.reps, warmup=args.warmup, quick=args.quick,
-          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory, compile_model=args.compile)
+          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory, compile_mode=args.compile)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,8 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/benchmarks", help="folder for <device>.json and <device>.md")
     p.add_argument("--no-transformers", action="store_true", help="time mfcore alone")
     p.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory measurement")
-    p.add_argument("--compile", action="store_true",
-                   help="time torch.compile(mfcore model) (writes <device>-compiled.*)")
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   help="time torch.compile(mfcore model, mode=MODE) (default mode; reduce-overhead adds CUDA "
+                        "graphs on GPU); writes <device>-compiled[-MODE].*")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("make-synthetic", help="write synthetic scenes in the ADE20K and COCO panoptic layouts")

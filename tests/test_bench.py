@@ -1,4 +1,5 @@
 """The benchmark runs end to end (quick sizes, mfcore alone) and writes complete JSON and Markdown."""
+import pytest
 import json
 
 import torch
@@ -71,3 +72,11 @@ def test_gpu_peaks():
     assert gpu_peak_tflops("Tesla V100-SXM2-16GB", "bf16") == (15.7, "fp32")   # no bf16 tensor cores
     assert gpu_peak_tflops("NVIDIA L40S", None)[0] in (91.6, 183.0)             # fp32 or tf32 setting
     assert gpu_peak_tflops("Some Future GPU", None)[0] is None
+
+
+def test_unknown_compile_mode_is_refused_before_any_work(tmp_path):
+    from mfcore.bench import main
+
+    with pytest.raises(ValueError, match="reduce_overhead"):
+        main(quick=True, out_dir=str(tmp_path), compile_mode="reduce_overhead")
+    assert not any(tmp_path.iterdir())
