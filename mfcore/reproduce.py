@@ -69,14 +69,14 @@ def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | No
     params = dict(profile=profile, results_dir=str(ctx.results_dir), data_root=data_root or "", device=device,
                   progress="log", interactive=False, nproc_per_node=nproc_per_node)
     todo = [nb for nb in notebooks(folder) if not only or any(o in nb.name for o in only)]
-    timings, start = {}, time.perf_counter()
+    timings, start, trained = {}, time.perf_counter(), None
     workers = workers or ctx.profile.parallel_runs
     if workers > 1 and not only:
         from .tables import planned_runs
 
         print(f"[0/{len(todo)}] training every table's runs, {workers} side by side", flush=True)
         train_runs(ctx, planned_runs(ctx), workers)
-        timings["parallel training"] = round(time.perf_counter() - start, 1)
+        trained = round(time.perf_counter() - start, 1)
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)
         t0 = time.perf_counter()
@@ -89,7 +89,8 @@ def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | No
                                f"the executed copy is kept at {out}") from None
         timings[nb.name] = round(time.perf_counter() - t0, 1)
         print(f"[{i}/{len(todo)}] {nb.name} done in {timings[nb.name]:.0f}s", flush=True)
-    summary = {"profile": profile, "notebooks": timings, "wall_seconds": round(time.perf_counter() - start, 1),
+    summary = {"profile": profile, "parallel_training_seconds": trained, "notebooks": timings,
+               "wall_seconds": round(time.perf_counter() - start, 1),
                "git_commit": git_commit(), "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     if not only:
         write_json(Path(ctx.results_dir) / f"reproduce_{profile}.json", summary)

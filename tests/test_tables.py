@@ -44,3 +44,24 @@ def test_tables_command_trains_side_by_side_then_reuses(smoke, capsys):
     assert "Provenance: profile smoke" in md and "seeds [0]" in md
     main(args)
     assert "3 of 3 runs already finished; training 0" in capsys.readouterr().out
+
+
+def test_reproduce_with_workers_trains_every_planned_run_first(tmp_path, monkeypatch):
+    import nbformat
+
+    from mfcore.reproduce import reproduce
+
+    monkeypatch.setenv("MFCORE_CACHE", str(tmp_path / "cache"))
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('profile: str = "smoke"  # profile')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    (tmp_path / "nbs").mkdir()
+    nbformat.write(nb, tmp_path / "nbs" / "01_trivial.ipynb")
+    results = tmp_path / "results"
+    summary = reproduce("smoke", results_dir=str(results), folder=tmp_path / "nbs", executed_dir=str(tmp_path / "ex"),
+                        cache_dir=str(tmp_path / "cache"), workers=2)
+    assert summary["parallel_training_seconds"] > 0 and list(summary["notebooks"]) == ["01_trivial.ipynb"]
+    ctx = make_context("smoke", str(results))
+    assert all((ctx.runs_dir / s.name / "final.json").is_file() for s in planned_runs(ctx))
