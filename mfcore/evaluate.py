@@ -26,7 +26,8 @@ from .data.datasets import PanopticSegDataset
 from .inference import (PIXEL_MEAN_RGB, general_semantic_inference, pad_images, panoptic_inference,
                         postprocess_masks, predict_semantic, predict_semantic_tta, resize_shortest_edge,
                         semantic_inference)
-from .metrics import PQAccumulator, SemSegEvaluator, semantic_categories
+from .metrics import SemSegEvaluator
+from .panoptic_quality import PQAccumulator, semantic_categories
 from .runtime import build_run_dataset, resolve_device
 
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output

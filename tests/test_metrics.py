@@ -8,11 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mfcore.metrics import (
+from mfcore.metrics import SemSegEvaluator, mask_ap
+from mfcore.panoptic_quality import (
     PQAccumulator,
-    SemSegEvaluator,
     id_to_rgb,
-    mask_ap,
     pq_compute_single,
     pq_from_files,
     rgb_to_id,
