@@ -176,6 +176,8 @@ def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
     backbone they name already exist; a failed run is reported after the others have finished.
     """
     todo = [s for s in specs if not (ctx.runs_dir / s.name / "final.json").is_file()]
+    if ctx.nproc_per_node > 1:
+        workers = 1  # each run already spans the node's GPUs through torchrun
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; training {len(todo)}, "
           f"{min(workers, max(len(todo), 1))} at a time", flush=True)
     if workers <= 1 or len(todo) <= 1:
