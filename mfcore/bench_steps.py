@@ -19,11 +19,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import bench_hf
-from .analysis import semantic_forward
 from .losses import build_criterion, total_loss
 from .matcher import HungarianMatcher
 from .models import build_model
 from .presets import get_preset
+from .semantic_labels import semantic_labels
 from .solver import build_optimizer, clip_gradients
 
 R50 = "ade20k-maskformer-r50"     # K=150, N=100, 6 decoder layers: the issue's configuration
@@ -106,9 +106,12 @@ def inference(impl: str, model: torch.nn.Module, images: torch.Tensor, amp: str 
     """eval-mode forward + semantic inference to a label map [B, H, W], as a closure."""
     model.eval()
     if impl == "mfcore":
+        size = tuple(images.shape[-2:])
+
         def run() -> torch.Tensor:
             with torch.inference_mode(), _autocast(images.device, amp):
-                return semantic_forward(model, images).argmax(1)
+                out = model(images)
+                return semantic_labels(out["pred_logits"], out["pred_masks"], size)
         return run
     pixels, predict = normalized(images), bench_hf.semantic_predictor()
 

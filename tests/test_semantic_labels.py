@@ -1,0 +1,54 @@
+"""Tests of the tiled label path against the unfused semantic inference it must equal."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mfcore.inference import postprocess_masks, semantic_inference
+from mfcore.semantic_labels import resize_matrix, semantic_labels
+
+
+@pytest.mark.parametrize("out_size,in_size", [(64, 16), (37, 16), (16, 37), (20, 20), (1, 5)])
+def test_resize_matrix_is_f_interpolate(out_size, in_size):
+    """Float32 weights, as F.interpolate computes them for float32 maps (equal to a few ulps)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, in_size)
+    expected = F.interpolate(x[None, :, None, :], size=(1, out_size), mode="bilinear", align_corners=False)[0, :, 0]
+    torch.testing.assert_close(x @ resize_matrix(out_size, in_size).t(), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("padded,image,output,tile", [
+    ((64, 64), (64, 64), (64, 64), None),   # the benchmark's case: no padding, no second resize
+    ((32, 40), (27, 33), (50, 61), 3),      # padding cropped, then resized up; tiles not dividing the rows
+    ((32, 32), (20, 30), (13, 9), 1),       # resized down, one row per tile
+    ((32, 32), (32, 32), (32, 32), 100),    # one tile larger than the map
+])
+def test_labels_equal_argmax_of_semantic_inference(padded, image, output, tile):
+    torch.manual_seed(0)
+    batch, queries, classes = 2, 12, 9
+    logits = 2 * torch.randn(batch, queries, classes + 1)
+    masks = 3 * torch.randn(batch, queries, padded[0] // 4, padded[1] // 4)
+    labels = semantic_labels(logits, masks, padded, image, output, rows_per_tile=tile)
+    assert labels.shape == (batch, *output) and labels.dtype == torch.int64
+    for b in range(batch):  # reference in float64, so only genuine near-ties may differ
+        scores = semantic_inference(logits[b].double(), postprocess_masks(masks[b].double(), padded, image, output))
+        top2 = scores.topk(2, dim=0).values
+        differ = labels[b] != scores.argmax(0)
+        assert ((top2[0] - top2[1])[differ] < 1e-5).all()
+        assert differ.float().mean() < 1e-3
+
+
+def test_labels_follow_the_masks():
+    """Two queries, each certain of its class, owning the left and right halves: the map is split there."""
+    logits = torch.log(torch.tensor([[[0.98, 0.01, 0.01], [0.01, 0.98, 0.01]]]))
+    masks = torch.full((1, 2, 4, 8), -20.0)
+    masks[0, 0, :, :4] = masks[0, 1, :, 4:] = 20.0
+    labels = semantic_labels(logits, masks, (16, 32), rows_per_tile=5)
+    assert (labels[0, :, :14] == 0).all() and (labels[0, :, 18:] == 1).all()
+
+
+def test_bad_shapes_and_sizes_are_named():
+    with pytest.raises(ValueError, match="pred_logits"):
+        semantic_labels(torch.zeros(1, 3, 5), torch.zeros(1, 4, 2, 2), (8, 8))
+    with pytest.raises(ValueError, match="does not fit"):
+        semantic_labels(torch.zeros(1, 3, 5), torch.zeros(1, 3, 2, 2), (8, 8), (9, 8))
