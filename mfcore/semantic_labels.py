@@ -86,7 +86,8 @@ def semantic_labels(
     used = rows.ne(0)  # the low-resolution rows each output row reads
     first, last = used.float().argmax(1).tolist(), (height - 1 - used.flip(1).float().argmax(1)).tolist()
 
-    class_probs = pred_logits.softmax(-1)[..., :-1].transpose(1, 2).contiguous()  # [B, K, N]
+    class_probs = pred_logits.float().softmax(-1)[..., :-1].transpose(1, 2)                   # [B, K, N]
+    class_probs = class_probs.to(pred_masks.dtype).contiguous()
     masks = _resize_width(pred_masks, padded_size[1], image_size[1], out_w)       # [B, N, h, out_w]
     labels = torch.empty(batch, out_h * out_w, dtype=torch.long, device=pred_masks.device)
     for b in range(batch):
