@@ -2,8 +2,8 @@
 
     smoke  the tests: every notebook end to end in about a minute (numbers meaningless)
     quick  the embedded default: a laptop CPU, all notebooks in under 25 minutes on 2 cores
-    gpu    larger synthetic scenes on one GPU, sized to show the paper's trends (not yet completed on a GPU:
-           see the README for what one H100 session measured)
+    gpu    more classes, queries and iterations on one GPU, sized to show the paper's trends in under an hour
+           on one H100 (an estimate from measured throughput; not yet completed on a GPU: see the README)
     paper  the paper's presets on the real datasets (data_root), full schedules, many GPUs via torchrun
 
 Synthetic profiles train the small presets (`synthetic-<model>-<backbone>`) from one backbone pretrained
@@ -54,9 +54,14 @@ PROFILES: dict[str, Profile] = {
     # K = 8, 16, 32 all draw their classes from the same 9-primitive bank (3 hues x 3 patterns) that the
     # backbone is pretrained on: one "ImageNet" for every setting, as in the paper.
     "quick": Profile("quick", pretrain=PretrainConfig(num_primitives=9, num_train=3000, num_val=300, iters=1500)),
-    "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 32, 128, 256), base_classes=128,
-                   query_counts=(20, 50, 100, 200), num_queries=100, iters=8000, batch_size=32, seeds=(0, 1, 2),
-                   pretrain=PretrainConfig(num_primitives=23, num_train=50000, num_val=2000, iters=6000,
+    # Sizing (an estimate: not yet run on a GPU). In 1200-iteration CPU runs (batch 16) MaskFormer caught up
+    # with PerPixelBaseline+ at K=8 and 16 but not yet at 32, so this profile keeps the quick profile's K and
+    # gives each run 2500 iterations of batch 32, 4.2x those images. Its 17 runs make 42,500 steps; one H100
+    # ran ~16 steps/s in all with 13 small runs side by side (each step is ~8,500 launch-bound kernel calls):
+    # ~45 min of training after ~4 min of data and pretraining. One seed: three would take over two hours.
+    "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 16, 32), base_classes=32,
+                   query_counts=(20, 50, 100, 200), num_queries=100, iters=2500, batch_size=32, seeds=(0,),
+                   pretrain=PretrainConfig(num_primitives=9, num_train=50000, num_val=2000, iters=6000,
                                            batch_size=256), device="cuda", parallel_runs=4),
     "paper": Profile("paper", synthetic=False, seeds=(0, 1, 2), num_queries=100, device="cuda"),
 }

@@ -20,6 +20,10 @@ def test_planned_runs_cover_each_table_once(smoke):
     table2 = {s.name for s in planned_runs(smoke, ["table2"])}
     assert len(table2) == 3 * len(smoke.profile.class_counts)  # 3 models x K settings, one seed
     assert {s.name for s in planned_runs(smoke, ["table7"])} == {s.name for s in planned_runs(smoke, ["table4"])}
+    # the number-of-queries table trains only the N it does not share with Table 2's MaskFormer
+    queries = {s.name for s in planned_runs(smoke, ["table_queries"])}
+    extra = [n for n in smoke.profile.query_counts if n != smoke.profile.num_queries]
+    assert len(queries) == 2 + len(extra) and len(queries - table2) == len(extra)
     assert set(RUNS) == {"table1", "table2", "table3", "table4", "table5", "table7", "table8", "table_queries"}
     with pytest.raises(ValueError, match="table9"):
         planned_runs(smoke, ["table9"])
