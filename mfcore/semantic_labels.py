@@ -11,8 +11,9 @@ computation runs a few output rows at a time, so every intermediate stays in cac
 with m_i the mask logits bilinearly upsampled to the padded input, the padding cropped and the result
 resized to the output size (REFERENCE.md), all with align_corners=False. Bilinear resizing is separable:
 the width is resized once for the whole map by F.interpolate (the height left as it is), and the height
-tile by tile as a product with the rows of a resize matrix, which touches only the few low-resolution rows
-a tile needs. The values equal the unfused path's up to float rounding.
+tile by tile as a product with the rows of a resize matrix (`mask_loss.interpolation_matrix`), which
+touches only the few low-resolution rows a tile needs. The values equal the unfused path's up to float
+rounding.
 """
 from __future__ import annotations
 
@@ -20,20 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def resize_matrix(out_size: int, in_size: int) -> Tensor:
-    """[out_size, in_size] weights of 1-D bilinear resizing as F.interpolate computes it with
-    align_corners=False: output i reads input (i + 0.5) * in/out - 0.5, clamped at 0, from its two
-    neighbours (the last input is its own right neighbour)."""
-    src = ((torch.arange(out_size, dtype=torch.float32) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    low = src.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    frac = src - low
-    rows = torch.arange(out_size)
-    weights = torch.zeros(out_size, in_size)
-    weights.index_put_((rows, low), 1 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
-    return weights
+from .mask_loss import interpolation_matrix
 
 
 def _resize_width(masks: Tensor, padded_width: int, image_width: int, output_width: int) -> Tensor:
@@ -79,17 +67,18 @@ def semantic_labels(
     tile = rows_per_tile or (8 if pred_masks.device.type == "cpu" else out_h)
 
     # height: upsample to the padded height, crop, resize to the output height, as one matrix [out_h, h]
-    rows = resize_matrix(padded_size[0], height)[: image_size[0]]
+    device = pred_masks.device
+    rows = interpolation_matrix(height, padded_size[0], device)[: image_size[0]]
     if out_h != image_size[0]:
-        rows = resize_matrix(out_h, image_size[0]) @ rows
-    rows = rows.to(pred_masks)
+        rows = interpolation_matrix(image_size[0], out_h, device) @ rows
+    rows = rows.to(pred_masks.dtype)
     used = rows.ne(0)  # the low-resolution rows each output row reads
     first, last = used.float().argmax(1).tolist(), (height - 1 - used.flip(1).float().argmax(1)).tolist()
 
     class_probs = pred_logits.float().softmax(-1)[..., :-1].transpose(1, 2)                   # [B, K, N]
     class_probs = class_probs.to(pred_masks.dtype).contiguous()
     masks = _resize_width(pred_masks, padded_size[1], image_size[1], out_w)       # [B, N, h, out_w]
-    labels = torch.empty(batch, out_h * out_w, dtype=torch.long, device=pred_masks.device)
+    labels = torch.empty(batch, out_h * out_w, dtype=torch.long, device=device)
     for b in range(batch):
         low_rows = masks[b].permute(1, 2, 0).reshape(height, out_w * queries)       # [h, out_w*N], no copy
         for start in range(0, out_h, tile):

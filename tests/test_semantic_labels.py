@@ -5,16 +5,18 @@ import torch
 import torch.nn.functional as F
 
 from mfcore.inference import postprocess_masks, semantic_inference
-from mfcore.semantic_labels import resize_matrix, semantic_labels
+from mfcore.mask_loss import interpolation_matrix
+from mfcore.semantic_labels import semantic_labels
 
 
 @pytest.mark.parametrize("out_size,in_size", [(64, 16), (37, 16), (16, 37), (20, 20), (1, 5)])
-def test_resize_matrix_is_f_interpolate(out_size, in_size):
-    """Float32 weights, as F.interpolate computes them for float32 maps (equal to a few ulps)."""
+def test_interpolation_matrix_is_f_interpolate_up_and_down(out_size, in_size):
+    """The rows semantic_labels resizes the height with (equal to F.interpolate to a few ulps)."""
     torch.manual_seed(0)
     x = torch.randn(3, in_size)
     expected = F.interpolate(x[None, :, None, :], size=(1, out_size), mode="bilinear", align_corners=False)[0, :, 0]
-    torch.testing.assert_close(x @ resize_matrix(out_size, in_size).t(), expected, rtol=1e-6, atol=1e-6)
+    weights = interpolation_matrix(in_size, out_size, x.device)
+    torch.testing.assert_close(x @ weights.t(), expected, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("padded,image,output,tile", [
