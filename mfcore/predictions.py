@@ -1,6 +1,6 @@
 """Model predictions kept for analysis: collected once, saved to / loaded from one .npz without pickle.
 
-The query statistics and `QueryExplorer` (mfcore.viz, mfcore.explorer) work on a list of plain dicts of
+The query statistics and `QueryExplorer` (mfcore.query_stats, mfcore.explorer) work on a list of plain dicts of
 numpy arrays, one per image, so they run equally on a live model and on a file written earlier:
 
     {"image": uint8 [H, W, 3] RGB, "pred_logits": float32 [N, K+1] (last column "no object"),

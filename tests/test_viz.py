@@ -1,5 +1,5 @@
-"""mfcore.viz and mfcore.predictions: query statistics on hand-built predictions, colours, figures,
-atomic writes, and the pickle-free predictions file."""
+"""mfcore.viz, mfcore.query_stats and mfcore.predictions: query statistics on hand-built predictions,
+colours, figures, atomic writes, and the pickle-free predictions file."""
 from __future__ import annotations
 
 import math
@@ -10,7 +10,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from mfcore import viz
+from mfcore import query_stats, viz
 from mfcore.predictions import collect_predictions, load_predictions, save_predictions
 
 K = 3  # real classes in the hand-built cases; column K of the logits is "no object"
@@ -40,14 +40,14 @@ def hand_built_images() -> list[tuple[np.ndarray, np.ndarray]]:
 
 
 def test_query_stats_counts_hand_built_predictions():
-    stats = viz.QueryStats(num_queries=3, num_classes=K)
+    stats = query_stats.QueryStats(num_queries=3, num_classes=K)
     for logits, masks in hand_built_images():
         stats.update(logits, torch.from_numpy(masks))  # tensors and arrays both accepted
     assert stats.num_images == 3
     np.testing.assert_array_equal(stats.matrix(), [[1, 1, 1], [0, 2, 0], [0, 0, 0]])
     np.testing.assert_array_equal(stats.unique_categories_per_query(), [3, 1, 0])
     # a probability threshold drops image 2's q0 (0.475); counting empty masks adds image 1's q2
-    strict = viz.QueryStats.from_predictions(
+    strict = query_stats.QueryStats.from_predictions(
         [{"pred_logits": l, "pred_masks": m} for l, m in hand_built_images()], K, prob_threshold=0.5,
         require_mask=False)
     np.testing.assert_array_equal(strict.matrix(), [[1, 0, 1], [0, 2, 0], [1, 0, 0]])
@@ -57,7 +57,7 @@ def test_query_stats_counts_hand_built_predictions():
 
 
 def test_query_stats_rejects_wrong_shapes():
-    stats = viz.QueryStats(num_queries=3, num_classes=K)
+    stats = query_stats.QueryStats(num_queries=3, num_classes=K)
     with pytest.raises(ValueError, match="K\\+1=4"):
         stats.update(np.zeros((3, K)), masks_for([True] * 3))
     with pytest.raises(ValueError, match="require_mask"):
@@ -104,13 +104,13 @@ def test_plots_return_figures_with_expected_axes():
 
 
 def test_query_statistics_plots():
-    stats = viz.QueryStats(num_queries=3, num_classes=K)
+    stats = query_stats.QueryStats(num_queries=3, num_classes=K)
     for logits, masks in hand_built_images():
         stats.update(logits, masks)
-    fig = viz.plot_unique_categories(stats)
+    fig = query_stats.plot_unique_categories(stats)
     assert isinstance(fig, Figure) and len(fig.axes) == 1
     assert [p.get_height() for p in fig.axes[0].patches] == [3, 1, 0]  # sorted, descending
-    matrix = viz.plot_query_category_matrix(stats, ["a", "b", "c"])
+    matrix = query_stats.plot_query_category_matrix(stats, ["a", "b", "c"])
     assert len(matrix.axes) == 2  # matrix + colour bar
     # rows: the used queries q0, q1 ordered by their most frequent class, each normalised to sum 1
     np.testing.assert_allclose(matrix.axes[0].images[0].get_array(), [[1 / 3, 1 / 3, 1 / 3], [0, 1, 0]])
@@ -122,12 +122,12 @@ def test_query_examples_prefer_distinct_categories():
              for l, m in hand_built_images()]
     # image 3: q1 -> class 1 again, more confident than in image 0/1 (high 8 vs 5)
     preds.append({**preds[0], "pred_logits": logits_for([K, 1, K], high=8.0)})
-    examples = viz.query_examples(preds, per_query=2, prob_threshold=0.5)
+    examples = query_stats.query_examples(preds, per_query=2, prob_threshold=0.5)
     assert list(examples) == [1, 0]  # q1 used 3 times, q0 twice (image 2's q0 is below 0.5)
     assert [(i, c) for i, c, _ in examples[1]] == [(3, 1), (0, 1)]
     assert sorted((i, c) for i, c, _ in examples[0]) == [(0, 0), (1, 2)]
     assert examples[1][0][2] == pytest.approx(math.exp(8) / (math.exp(8) + K))
-    fig = viz.plot_query_examples(preds, examples, ["a", "b", "c"])
+    fig = query_stats.plot_query_examples(preds, examples, ["a", "b", "c"])
     assert len(fig.axes) == 4
 
 
