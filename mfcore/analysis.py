@@ -54,11 +54,18 @@ def count_flops(model: SegmentationModel, size: tuple[int, int]) -> int:
     # nn.MultiheadAttention's fused eval fast path is invisible to the counter: take the plain path
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)
+    # the paper counts E_pixel and then the mask product, not mfcore's cheaper folded order
+    predictor = getattr(model, "predictor", None)
+    fold = getattr(predictor, "fold_mask_conv", None)
+    if fold is not None:
+        predictor.fold_mask_conv = False
     try:
         with FlopCounterMode(display=False) as counter:
             semantic_forward(model, torch.zeros(1, 3, *size, device=model.pixel_mean.device))
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
+        if fold is not None:
+            predictor.fold_mask_conv = fold
         model.train(was_training)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)

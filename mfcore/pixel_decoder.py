@@ -1,5 +1,8 @@
 """Pixel decoders: turn backbone features res2..res5 into per-pixel embeddings E_pixel [B, C_E, H/4, W/4].
 
+A decoder returns its FPN output; its `mask_features` conv, which makes E_pixel of it, is applied by the
+model (`models.mask_logits` may fold it into the mask product).
+
 `FPNPixelDecoder` is the light FPN of the paper (all 256 channels, GroupNorm(32), no conv bias where GN
 follows). The final `mask_features` conv is 3x3 with bias and no norm, as in the released code (the
 paper's text says 1x1). `EncoderPixelDecoder` is the panoptic "R50/R101 + 6 Enc" variant: res5 first goes
@@ -28,8 +31,9 @@ def conv_gn(in_ch: int, out_ch: int, kernel: int, groups: int, relu: bool) -> nn
 
 class FPNPixelDecoder(nn.Module):
     """features: {"res2": [B,C2,H/4,W/4], ..., "res5": [B,C5,H/32,W/32]}
-    forward -> (mask_features [B, mask_dim, H/4, W/4], memory [B, C_mem, H/32, W/32]) where memory is the
-    map the transformer decoder attends to: raw res5 here (the predictor projects it to d)."""
+    forward -> (FPN output [B, conv_dim, H/4, W/4], memory [B, C_mem, H/32, W/32]) where memory is the
+    map the transformer decoder attends to: raw res5 here (the predictor projects it to d);
+    mask_features(FPN output) = E_pixel [B, mask_dim, H/4, W/4]."""
 
     def __init__(self, in_channels: dict[str, int], conv_dim: int = 256, mask_dim: int = 256, gn_groups: int = 32,
                  top_in_channels: int | None = None):
@@ -54,7 +58,7 @@ class FPNPixelDecoder(nn.Module):
             lateral = adapter(features[level])
             # top-down path: nearest upsampling of the coarser map, added to the lateral 1x1 projection
             y = layer(lateral + F.interpolate(y, size=lateral.shape[-2:], mode="nearest"))
-        return self.mask_features(y)
+        return y
 
     def forward(self, features: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         return self.fpn(features, features["res5"]), features["res5"]
@@ -62,7 +66,7 @@ class FPNPixelDecoder(nn.Module):
 
 class EncoderPixelDecoder(FPNPixelDecoder):
     """FPN whose top is res5 -> 1x1 conv (with bias) -> `enc_layers` post-norm encoder layers with sine
-    positions. forward -> (mask_features [B, mask_dim, H/4, W/4], memory [B, d, H/32, W/32])."""
+    positions. forward -> (FPN output [B, conv_dim, H/4, W/4], memory [B, d, H/32, W/32])."""
 
     def __init__(self, in_channels: dict[str, int], conv_dim: int = 256, mask_dim: int = 256, gn_groups: int = 32,
                  hidden_dim: int = 256, enc_layers: int = 6, nheads: int = 8, dim_feedforward: int = 2048,

@@ -27,7 +27,10 @@ from .mask_loss import interpolation_matrix
 def _resize_width(masks: Tensor, padded_width: int, image_width: int, output_width: int) -> Tensor:
     """[B, N, h, w] -> [B, N, h, output_width], channels-last (query axis innermost)."""
     height = masks.shape[-2]
-    masks = masks.contiguous(memory_format=torch.channels_last)
+    # clone, not contiguous: a [1, N, h, w] map straight from a channels-last conv can have a batch stride
+    # other than N*h*w; `contiguous` accepts it as channels-last, F.interpolate does not (and runs its slow
+    # strided kernel into an NCHW result)
+    masks = masks.clone(memory_format=torch.channels_last)
     masks = F.interpolate(masks, size=(height, padded_width), mode="bilinear", align_corners=False)
     masks = masks[..., :image_width]
     if output_width != image_width:

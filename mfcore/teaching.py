@@ -195,7 +195,8 @@ def ambiguity_vs_classes(class_counts: Sequence[int] = (4, 8, 32, 128), scenes: 
 
 
 # ----------------------------------------------------------------------------- 02: the architecture
-STAGES = {"backbone": ("res2", "res3", "res4", "res5"), "pixel_decoder": ("mask_features", "memory"),
+STAGES = {"backbone": ("res2", "res3", "res4", "res5"), "pixel_decoder": ("FPN output", "memory"),
+          "pixel_decoder.mask_features": ("mask_features",),
           "predictor.input_proj": ("memory projected to d",), "predictor.transformer": ("Q, every layer",),
           "predictor.class_embed": ("class logits",), "predictor.mask_embed": ("mask embeddings",),
           "predictor": None}
