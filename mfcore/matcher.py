@@ -53,7 +53,7 @@ def _pairwise_focal_(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float
     # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(-x) = softplus(x) - x.
     # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
     # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
-    one_minus = torch.neg(prob, out=scratch[0]).add_(1)
+    one_minus = torch.sub(1, prob, out=scratch[0])
     neg_log = torch.maximum(prob, one_minus, out=scratch[1]).log_()      # -log(1 + e^-|x|)
     pos_log = torch.clamp(logits, min=0, out=scratch[2])
     neg_log = torch.sub(pos_log, neg_log, out=neg_log)                   # -log(1 - p)
