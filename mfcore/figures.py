@@ -12,7 +12,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .inference import general_semantic_inference, panoptic_inference, semantic_inference
-from .viz import _bare, colorize, palette
+from .viz import bare_axes, colorize, palette
 
 
 def _semantic(pred: Mapping) -> np.ndarray:
@@ -31,7 +31,7 @@ def plot_predictions(predictions: Sequence[Mapping], class_names: Sequence[str],
         gt = pred.get("gt")
         row[2].imshow(colorize(gt, k, ignore) if gt is not None else np.zeros_like(pred["image"]))
         for ax, title in zip(row, ("image", "semantic inference", "ground truth")):
-            _bare(ax, title)
+            bare_axes(ax, title)
     return fig
 
 
@@ -64,7 +64,7 @@ def plot_inference_modes(predictions: Sequence[Mapping], class_names: Sequence[s
                   "ground truth"]
         for ax, panel, title in zip(row, panels, titles):
             ax.imshow(panel)
-            _bare(ax, title)
+            bare_axes(ax, title)
     return fig
 
 

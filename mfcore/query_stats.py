@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from .predictions import to_numpy
-from .viz import _bare, overlay
+from .viz import bare_axes, overlay
 
 
 class QueryStats:
@@ -143,7 +143,7 @@ def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, S
             ax = fig.add_subplot(len(examples), cols, r * cols + c + 1)
             ax.imshow(overlay(p["image"], np.where(mask, category, 255), num_classes, alpha=0.6))
             name = class_names[category] if class_names else str(category)
-            _bare(ax, f"{name} ({prob:.2f})")
+            bare_axes(ax, f"{name} ({prob:.2f})")
             if c == 0:
                 ax.set_ylabel(f"query {q}")
     fig.tight_layout()

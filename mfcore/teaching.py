@@ -24,15 +24,9 @@ from torch import Tensor, nn
 
 from .data import design_classes, render_scene, semantic_targets
 from .inference import semantic_inference
-from .viz import colorize
+from .viz import bare_axes, colorize
 
 TOY_CLASSES = ("sky", "grass", "cow")
-
-
-def _bare(ax, title: str = "") -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=8)
 
 
 def _targets_from_map(sem: Tensor) -> dict:
@@ -93,7 +87,7 @@ def plot_formulations(toy: dict) -> Figure:
         for ax, image, title in zip(axes[r], images, titles):
             ax.set_axis_on()
             ax.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=1)
-            _bare(ax, title)
+            bare_axes(ax, title, fontsize=8)
     for r, label in enumerate(("per-pixel", "N (p, m) pairs", "marginalised")):
         axes[r, 0].set_ylabel(label, fontsize=9)
     fig.tight_layout()
@@ -165,7 +159,7 @@ def plot_ambiguous_scene(demo: dict) -> Figure:
               (colorize(demo["pooled"], k), "one label per mask")]
     for ax, (image, title) in zip(axes, panels):
         ax.imshow(image)
-        _bare(ax, title)
+        bare_axes(ax, title, fontsize=8)
     largest = demo["regions"]["pixels"].idxmax()
     true = int(demo["regions"].loc[largest, "class"])
     pooled = demo["pred_logits"][largest].softmax(-1)[:-1].numpy()

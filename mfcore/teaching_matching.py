@@ -23,7 +23,8 @@ from torchvision.ops import sigmoid_focal_loss
 
 from .losses import dice_loss
 from .matcher import HungarianMatcher, assign
-from .teaching import _bare, _targets_from_map
+from .teaching import _targets_from_map
+from .viz import bare_axes
 
 
 def matching_example(seed: int = 0, size: int = 16, num_classes: int = 6) -> dict:
@@ -151,6 +152,6 @@ def plot_dice_cases(cases: dict[str, tuple[Tensor, Tensor]]) -> Figure:
     for ax, (name, (logits, target)) in zip(np.atleast_1d(fig.subplots(1, len(cases))), cases.items()):
         pred = (logits >= 0).float()
         ax.imshow(torch.stack([pred, target, torch.zeros_like(target)], -1).numpy())
-        _bare(ax, name)
+        bare_axes(ax, name, fontsize=8)
     fig.tight_layout()
     return fig

@@ -78,10 +78,11 @@ def overlay(image: Any, label_map: Any, num_classes: int | None = None, alpha: f
     return np.where((labels == ignore)[..., None], rgb, blend.round()).astype(np.uint8)
 
 
-def _bare(ax: Any, title: str = "") -> None:
+def bare_axes(ax: Any, title: str = "", fontsize: float = 9) -> None:
+    """An image panel: no ticks, a small title."""
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=fontsize)
 
 
 # ----------------------------------------------------------------------------- segmentation and masks
@@ -94,10 +95,10 @@ def plot_segmentation(image: Any, pred: Any, gt: Any = None, class_names: Sequen
     fig = Figure(figsize=(3.2 * (1 + len(maps)), 3.4))
     axes = fig.subplots(1, 1 + len(maps))
     axes[0].imshow(to_rgb(image))
-    _bare(axes[0], "image")
+    bare_axes(axes[0], "image")
     for ax, m, title in zip(axes[1:], maps, ("prediction", "ground truth")):
         ax.imshow(colorize(m, k, ignore))
-        _bare(ax, title)
+        bare_axes(ax, title)
     if class_names:
         present = sorted(set(np.unique(np.concatenate([m.ravel() for m in maps]))) - {ignore})
         colors = palette(k) / 255
@@ -118,7 +119,7 @@ def plot_masks_grid(masks: Any, titles: Sequence[str] | None = None, ncols: int 
     for i, mask in enumerate(masks):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(mask.astype(np.float32), cmap="gray", vmin=0, vmax=1)
-        _bare(ax, titles[i] if titles is not None else "")
+        bare_axes(ax, titles[i] if titles is not None else "")
     return fig
 
 
