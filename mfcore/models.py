@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from .backbones import build_backbone
 from .config import ModelConfig
+from .mask_product import mask_logits
 from .pixel_decoder import EncoderPixelDecoder, FPNPixelDecoder
 from .transformer import PositionEmbeddingSine, TransformerDecoder
 
@@ -33,32 +34,6 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
-
-
-def mask_logits(embed: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d, fold: bool = True) -> Tensor:
-    """Mask logits m[b, r] = embed[b, r] . E_pixel[b] with E_pixel = mask_conv(pixel_features).
-
-    embed: [B, R, C_E]; pixel_features: [B, C, h, w] -> [B, R, h, w].
-    The conv and the product are both linear, so embed . (W * x + b) = (embed . W) * x + embed . b: a conv
-    with R output channels whose weights are the embeddings applied to W. With a k x k conv that takes
-    k^2 C R multiply-adds per pixel instead of k^2 C C_E + C_E R: at inference (R = N = 100, C = C_E = 256,
-    k = 3) 2.7x fewer, and on CPU R50's inference at 512x512 loses ~35 ms of ~450. In training R = L*N =
-    600 rows and the unfolded order is the cheaper one. `fold=False` always takes the unfolded order.
-    Both orders give the same values up to float rounding.
-    """
-    batch, rows, channels = embed.shape
-    in_ch, k = mask_conv.in_channels, mask_conv.kernel_size[0] * mask_conv.kernel_size[1]
-    if not fold or k * in_ch * rows >= k * in_ch * channels + channels * rows:
-        mask_features = mask_conv(pixel_features)                                 # [B, C_E, h, w]
-        masks = torch.bmm(embed, mask_features.flatten(2))                       # [B, R, h*w]
-        return masks.view(batch, rows, *mask_features.shape[-2:])
-    weight = torch.einsum("brc,cikl->brikl", embed, mask_conv.weight)            # [B, R, C, k, k]
-    bias = embed @ mask_conv.bias if mask_conv.bias is not None else None       # [B, R]
-    # one conv per image (each has its own weights); channels-last weights, like build_model's
-    masks = [mask_conv._conv_forward(pixel_features[b:b + 1],
-                                     weight[b].contiguous(memory_format=torch.channels_last),
-                                     None if bias is None else bias[b]) for b in range(batch)]
-    return masks[0] if batch == 1 else torch.cat(masks)
 
 
 class TransformerPredictor(nn.Module):
@@ -85,8 +60,8 @@ class TransformerPredictor(nn.Module):
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
         self.box_embed = MLP(d, d, 4, 3) if cfg.box_head else None
 
-    # Fold the mask_features conv into the mask product when that takes fewer multiply-adds (see
-    # `mask_logits`). `analysis.count_flops` turns it off: the paper's FLOPs count the unfolded order.
+    # Compute the mask product in its cheapest order (`mask_product.mask_logits`); `analysis.count_flops`
+    # turns this off, since the paper's FLOPs count conv, then product.
     fold_mask_conv: bool = True
 
     def forward(self, memory: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d) -> dict:

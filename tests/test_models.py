@@ -7,7 +7,7 @@ import torch
 from mfcore.analysis import analyze, count_parameters, semantic_forward
 from mfcore.config import LossConfig
 from mfcore.losses import build_criterion, total_loss
-from mfcore.models import build_model, mask_logits
+from mfcore.models import build_model
 from mfcore.presets import BACKBONES, DATASETS, MODELS, PRESETS, get_preset
 from mfcore.transformer import PositionEmbeddingSine
 
@@ -72,38 +72,6 @@ def test_aux_masks_are_not_computed_at_inference():
     model.train()
     out = model(torch.zeros(1, 3, 64, 64))
     assert len(out["aux_outputs"]) == 5 and out["pred_masks"].shape == (1, 20, 16, 16)
-
-
-@pytest.mark.parametrize("rows, bias", [(3, True), (17, False), (18, True), (40, False)])
-def test_folded_mask_product_equals_conv_then_product(rows, bias):
-    """mask_logits folds the embeddings into a 3x3 conv with 16 channels when that is cheaper, for R < 18
-    rows (9*16*R < 9*16*16 + 16*R), not from 18 on; every order gives embed . conv(x)."""
-    torch.manual_seed(0)
-    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=bias).double()
-    x, embed = torch.randn(2, 16, 8, 12, dtype=torch.float64), torch.randn(2, rows, 16, dtype=torch.float64)
-    expected = torch.einsum("brc,bchw->brhw", embed, conv(x))
-    calls = []
-    conv.register_forward_hook(lambda *args: calls.append(1))
-    for fold in (True, False):
-        torch.testing.assert_close(mask_logits(embed, x, conv, fold=fold), expected)
-    assert len(calls) == (1 if rows < 18 else 2)  # the folded path calls no conv module
-
-
-def test_inference_folds_the_mask_conv_and_training_does_not():
-    """R50 at inference (100 rows) folds; in training (600 rows) conv then product. Same masks either way."""
-    torch.manual_seed(0)
-    model = build_model("ade20k-maskformer-r50", num_classes=8)
-    calls = []
-    model.pixel_decoder.mask_features.register_forward_hook(lambda *args: calls.append(model.training))
-    images = torch.rand(1, 3, 64, 64) * 255
-    with torch.no_grad():
-        model.eval()
-        folded = model(images)["pred_masks"]
-        model.predictor.fold_mask_conv = False
-        unfolded = model(images)["pred_masks"]
-        model.train()(images)
-    assert calls == [False, True]  # the unfolded eval call and the training call
-    torch.testing.assert_close(folded, unfolded, rtol=1e-4, atol=1e-4)
 
 
 def _representative_presets():

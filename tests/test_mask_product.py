@@ -1,0 +1,82 @@
+"""mask_product.mask_logits: every order (folded conv, sparse-gradient training product, conv then product)
+gives embed . conv(y) and its gradients."""
+import pytest
+import torch
+
+from mfcore.mask_product import mask_logits
+from mfcore.models import build_model
+
+
+def _case(rows, bias, seed=0):
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, bias=bias).double()
+    y = torch.randn(2, 16, 8, 12, dtype=torch.float64, requires_grad=True)
+    embed = torch.randn(2, rows, 16, dtype=torch.float64, requires_grad=True)
+    return conv, y, embed
+
+
+@pytest.mark.parametrize("rows, bias", [(3, True), (17, False), (18, True), (40, False)])
+def test_folded_mask_product_equals_conv_then_product(rows, bias):
+    """Without gradients the embeddings are folded into a 3x3 conv with 16 channels when that is cheaper,
+    for R < 18 rows (9*16*R < 9*16*16 + 16*R), not from 18 on; every order gives embed . conv(y)."""
+    conv, y, embed = _case(rows, bias)
+    with torch.no_grad():
+        expected = torch.einsum("brc,bchw->brhw", embed, conv(y))
+        calls = []
+        conv.register_forward_hook(lambda *args: calls.append(1))
+        for fold in (True, False):
+            torch.testing.assert_close(mask_logits(embed, y, conv, fold=fold), expected)
+    assert len(calls) == (1 if rows < 18 else 2)  # the folded path calls no conv module
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_gradient_backward_equals_autograd(bias):
+    """Training order: rows without gradient are skipped. Image 0 has 5 live rows of 40 (folded backward),
+    image 1 has 30 (too many to fold: the usual backward), and an image without any is covered below."""
+    conv, y, embed = _case(40, bias)
+    grad = torch.randn(2, 40, 8, 12, dtype=torch.float64)
+    grad[0, 5:] = 0
+    grad[1, 30:] = 0
+    params = [embed, y, conv.weight] + ([conv.bias] if bias else [])
+    expected = torch.autograd.grad(torch.einsum("brc,bchw->brhw", embed, conv(y)), params, grad)
+    masks = mask_logits(embed, y, conv)
+    assert masks.grad_fn is not None and "SparseGrad" in type(masks.grad_fn).__name__
+    for got, want in zip(torch.autograd.grad(masks, params, grad), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_sparse_gradient_backward_with_an_image_without_loss():
+    conv, y, embed = _case(40, True, seed=1)
+    grad = torch.zeros(2, 40, 8, 12, dtype=torch.float64)
+    grad[1, 7] = 1.0
+    params = [embed, y, conv.weight, conv.bias]
+    expected = torch.autograd.grad(torch.einsum("brc,bchw->brhw", embed, conv(y)), params, grad)
+    for got, want in zip(torch.autograd.grad(mask_logits(embed, y, conv), params, grad), expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_r50_orders_agree_at_inference_and_in_training():
+    """R50 at inference (100 rows) folds; in training (600 rows) conv then product with the sparse backward.
+    Masks, and the gradients of a loss on a few masks, equal those of conv then product (fold=False);
+    in float64, so that float32 rounding cannot hide a wrong term."""
+    torch.manual_seed(0)
+    model = build_model("ade20k-maskformer-r50", num_classes=8).double()
+    images = torch.rand(1, 3, 64, 64, dtype=torch.float64) * 255
+    with torch.no_grad():
+        model.eval()
+        folded = model(images)["pred_masks"]
+        model.predictor.fold_mask_conv = False
+        unfolded = model(images)["pred_masks"]
+    torch.testing.assert_close(folded, unfolded)
+    model.train()
+    params = [model.pixel_decoder.mask_features.weight, model.pixel_decoder.mask_features.bias,
+              model.predictor.mask_embed.layers[0].weight, model.pixel_decoder.layer_1[0].weight]
+    grads = []
+    for fold in (True, False):
+        model.predictor.fold_mask_conv = fold
+        torch.manual_seed(1)  # the same dropout masks
+        out = model(images)
+        loss = out["pred_masks"][0, [3, 50]].sigmoid().sum() + out["aux_outputs"][2]["pred_masks"][0, 7].sum()
+        grads.append(torch.autograd.grad(loss, params))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want)
