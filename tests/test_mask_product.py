@@ -3,6 +3,7 @@ gives embed . conv(y) and its gradients."""
 import pytest
 import torch
 
+from mfcore import mask_product
 from mfcore.mask_product import mask_logits
 from mfcore.models import build_model
 
@@ -29,8 +30,23 @@ def test_folded_mask_product_equals_conv_then_product(rows, bias):
     assert len(calls) == (1 if rows < 18 else 2)  # the folded path calls no conv module
 
 
+def _uses_sparse_backward(masks):
+    """Is _SparseGradMaskProduct among the first autograd nodes behind `masks`?"""
+    nodes, names = [masks.grad_fn], set()
+    for _ in range(4):
+        names.update(type(n).__name__ for n in nodes)
+        nodes = [nxt for n in nodes for nxt, _ in n.next_functions if nxt is not None]
+    return any("SparseGrad" in name for name in names)
+
+
+@pytest.fixture
+def sparse_for_small_convs(monkeypatch):
+    """These cases are far below the size from which the sparse backward is used: lower the bar."""
+    monkeypatch.setattr(mask_product, "SPARSE_BACKWARD_MIN_MACS", 0)
+
+
 @pytest.mark.parametrize("bias", [True, False])
-def test_sparse_gradient_backward_equals_autograd(bias):
+def test_sparse_gradient_backward_equals_autograd(bias, sparse_for_small_convs):
     """Training order: rows without gradient are skipped. Image 0 has 5 live rows of 40 (folded backward),
     image 1 has 30 (too many to fold: the usual backward), and an image without any is covered below."""
     conv, y, embed = _case(40, bias)
@@ -40,25 +56,35 @@ def test_sparse_gradient_backward_equals_autograd(bias):
     params = [embed, y, conv.weight] + ([conv.bias] if bias else [])
     expected = torch.autograd.grad(torch.einsum("brc,bchw->brhw", embed, conv(y)), params, grad)
     masks = mask_logits(embed, y, conv)
-    assert masks.grad_fn is not None and "SparseGrad" in type(masks.grad_fn).__name__
+    assert _uses_sparse_backward(masks)
     for got, want in zip(torch.autograd.grad(masks, params, grad), expected):
         torch.testing.assert_close(got, want)
 
 
-def test_sparse_gradient_backward_with_an_image_without_loss():
+def test_sparse_gradient_backward_with_an_image_without_loss(sparse_for_small_convs):
     conv, y, embed = _case(40, True, seed=1)
     grad = torch.zeros(2, 40, 8, 12, dtype=torch.float64)
     grad[1, 7] = 1.0
     params = [embed, y, conv.weight, conv.bias]
     expected = torch.autograd.grad(torch.einsum("brc,bchw->brhw", embed, conv(y)), params, grad)
-    for got, want in zip(torch.autograd.grad(mask_logits(embed, y, conv), params, grad), expected):
+    masks = mask_logits(embed, y, conv)
+    assert _uses_sparse_backward(masks)
+    for got, want in zip(torch.autograd.grad(masks, params, grad), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_small_models_train_with_the_usual_backward():
+    """Below SPARSE_BACKWARD_MIN_MACS (the tiny preset's mask conv: 9.4M per image) no custom backward."""
+    model = build_model("synthetic-maskformer-tiny").train()
+    out = model(torch.rand(2, 3, 64, 64) * 255)
+    assert not _uses_sparse_backward(out["pred_masks"])
 
 
 def test_r50_orders_agree_at_inference_and_in_training():
     """R50 at inference (100 rows) folds; in training (600 rows) conv then product with the sparse backward.
     Masks, and the gradients of a loss on a few masks, equal those of conv then product (fold=False);
-    in float64, so that float32 rounding cannot hide a wrong term."""
+    in float64, so that float32 rounding cannot hide a wrong term. (Its mask conv at 16x16: 151M
+    multiply-adds per image, above SPARSE_BACKWARD_MIN_MACS.)"""
     torch.manual_seed(0)
     model = build_model("ade20k-maskformer-r50", num_classes=8).double()
     images = torch.rand(1, 3, 64, 64, dtype=torch.float64) * 255
@@ -76,6 +102,7 @@ def test_r50_orders_agree_at_inference_and_in_training():
         model.predictor.fold_mask_conv = fold
         torch.manual_seed(1)  # the same dropout masks
         out = model(images)
+        assert _uses_sparse_backward(out["pred_masks"]) == fold
         loss = out["pred_masks"][0, [3, 50]].sigmoid().sum() + out["aux_outputs"][2]["pred_masks"][0, 7].sum()
         grads.append(torch.autograd.grad(loss, params))
     for got, want in zip(*grads):
