@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mfcore.boxes import masks_to_cxcywh, pairwise_giou, target_boxes
-from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher
+from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher, downsample_nearest
 
 
 def make_case(sizes, num_queries=4, num_classes=3, size=8, stride=4, seed=0):
@@ -151,3 +151,13 @@ def test_box_matcher_recovers_permutation():
     assert cost[1, 1].item() == pytest.approx(5 * (0.5 + 0.1 + 0.1 + 0.0))   # L1 between boxes 0 and 1
     with pytest.raises(ValueError, match="pred_boxes"):
         BoxMatcher()({"pred_logits": outputs["pred_logits"]}, targets)
+
+
+@pytest.mark.parametrize("src, dst", [((256, 256), (64, 64)), ((96, 64), (32, 64)), ((100, 75), (64, 32)),
+                                      ((30, 30), (64, 64))])
+def test_downsample_nearest_equals_interpolate(src, dst):
+    """Strided view for exact integer ratios, index picking otherwise: both are F.interpolate's nearest."""
+    masks = torch.rand(3, *src) > 0.5
+    expected = torch.nn.functional.interpolate(masks[None].float(), size=dst, mode="nearest")[0]
+    got = downsample_nearest(masks, dst)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
