@@ -8,9 +8,10 @@ multiply-adds per pixel instead of k^2 C C_E + C_E R. Three orders follow from i
 
 - inference (R = N = 100 rows, C = C_E = 256, k = 3): the folded conv, 2.7x fewer multiply-adds;
 - training: the forward runs conv then product (R = L*N = 600 rows, all needed by the matcher), but only
-  matched masks reach a loss, so all but ~50 of the 600 rows of the gradient are exactly zero. The
-  backward (`_SparseGradMaskProduct`) takes the live rows only and runs them through the folded conv:
-  k^2 C r instead of k^2 C C_E + 2 C_E R per pixel (R50, r ~ 48: ~7x fewer), per image;
+  matched masks reach a loss, so all but r ~ 50 of an image's 600 rows of the gradient are exactly zero.
+  The backward (`_SparseGradMaskProduct`) takes the live rows only and runs them through the folded conv:
+  ~2 k^2 C r instead of 2 k^2 C C_E + 2 C_E R multiply-adds per pixel (R50 with 8 segments per image,
+  r = 48: ~6x fewer), image by image;
 - otherwise (fold=False, `analysis.count_flops`, autocast in training, small models): conv, then product.
 
 Every order gives the same values and gradients up to float rounding.
