@@ -51,9 +51,6 @@ def count_flops(model: SegmentationModel, size: tuple[int, int]) -> int:
     # FlopCounterMode's module tracker fails under no_grad on some graphs; frozen parameters give the
     # same no-autograd forward without it.
     model.requires_grad_(False)
-    # nn.MultiheadAttention's fused eval fast path is invisible to the counter: take the plain path
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
     # the paper counts E_pixel and then the mask product, not mfcore's cheaper folded order
     predictor = getattr(model, "predictor", None)
     fold = getattr(predictor, "fold_mask_conv", None)
@@ -63,7 +60,6 @@ def count_flops(model: SegmentationModel, size: tuple[int, int]) -> int:
         with FlopCounterMode(display=False) as counter:
             semantic_forward(model, torch.zeros(1, 3, *size, device=model.pixel_mean.device))
     finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
         if fold is not None:
             predictor.fold_mask_conv = fold
         model.train(was_training)

@@ -186,13 +186,8 @@ def alternate(fns: dict[str, Callable[[], object]], reps: int, warmup: int, devi
 
 def count_flops(fn: Callable[[], object]) -> int:
     """Flops (2 per multiply-add, as GPU peaks are quoted) of one call, forward and backward."""
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # the fused eval attention is invisible to the counter
-    try:
-        with FlopCounterMode(display=False) as counter:
-            fn()
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    with FlopCounterMode(display=False) as counter:
+        fn()
     return counter.get_total_flops()
 
 
