@@ -81,14 +81,38 @@ def semantic_labels(
     class_probs = pred_logits.float().softmax(-1)[..., :-1].transpose(1, 2)                   # [B, K, N]
     class_probs = class_probs.to(pred_masks.dtype).contiguous()
     masks = _resize_width(pred_masks, padded_size[1], image_size[1], out_w)       # [B, N, h, out_w]
-    labels = torch.empty(batch, out_h * out_w, dtype=torch.long, device=device)
-    for b in range(batch):
-        low_rows = masks[b].permute(1, 2, 0).reshape(height, out_w * queries)       # [h, out_w*N], no copy
-        for start in range(0, out_h, tile):
-            stop = min(start + tile, out_h)
-            lo, hi = first[start], max(last[start:stop]) + 1
-            probs = (rows[start:stop, lo:hi] @ low_rows[lo:hi]).sigmoid_()         # [T, out_w*N]
-            # class-major scores [K, T*out_w]: the max over classes then runs along contiguous pixels
-            scores = class_probs[b] @ probs.view(-1, queries).t()
-            labels[b, start * out_w: stop * out_w] = scores.max(0).indices
+
+    def tile_scores(b: int, start: int, stop: int) -> Tensor:
+        """Class-major scores [K, T*out_w] of output rows start..stop of image b."""
+        low_rows = masks[b].permute(1, 2, 0).reshape(height, out_w * queries)   # [h, out_w*N], no copy
+        lo, hi = first[start], max(last[start:stop]) + 1
+        probs = (rows[start:stop, lo:hi] @ low_rows[lo:hi]).sigmoid_()         # [T, out_w*N]
+        # class-major, so that the max over classes runs along contiguous pixels
+        return class_probs[b] @ probs.view(-1, queries).t()
+
+    tiles = [(b, start, min(start + tile, out_h)) for b in range(batch) for start in range(0, out_h, tile)]
+    labels = torch.empty(batch * out_h * out_w, dtype=torch.long, device=device)
+    if device.type != "cpu":
+        for b, start, stop in tiles:
+            labels[(b * out_h + start) * out_w: (b * out_h + stop) * out_w] = tile_scores(b, start, stop).max(0).indices
+        return labels.view(batch, out_h, out_w)
+
+    # On CPU, torch.max's indices over the class axis cost ~5x its values (amax). So each tile marks the
+    # classes that reach the maximum, hits [K, P] in {0, 1}, and one product with the rows (c, 1) gives per
+    # pixel the sum of those classes and their count: the class itself where the count is 1. Rows with a
+    # tie (or a NaN: count 0) are redone with torch.max, which takes the first class, as before.
+    classes = class_probs.shape[1]
+    pick = torch.stack([torch.arange(classes, dtype=torch.float32), torch.ones(classes)])  # [2, K], exact < 2^24
+    hits = torch.empty(classes, tile * out_w)
+    found = torch.empty(2, batch * out_h * out_w)                                   # (sum of c, count)
+    for b, start, stop in tiles:
+        scores = tile_scores(b, start, stop)
+        tile_hits = hits[:, :scores.shape[1]]
+        torch.eq(scores, scores.amax(0), out=tile_hits)
+        torch.mm(pick, tile_hits, out=found[:, (b * out_h + start) * out_w: (b * out_h + stop) * out_w])
+    labels.copy_(found[0])
+    tied = found[1].ne(1).view(batch, out_h, out_w).any(-1).nonzero().tolist()   # [[b, row], ...]
+    for b, start in sorted({(b, row - row % tile) for b, row in tied}):
+        stop = min(start + tile, out_h)
+        labels[(b * out_h + start) * out_w: (b * out_h + stop) * out_w] = tile_scores(b, start, stop).max(0).indices
     return labels.view(batch, out_h, out_w)

@@ -49,6 +49,25 @@ def test_labels_follow_the_masks():
     assert (labels[0, :, :14] == 0).all() and (labels[0, :, 18:] == 1).all()
 
 
+def test_ties_go_to_the_first_class_as_torch_max():
+    """Where every mask is off (sigmoid = 0) all classes tie at 0: class 0, like torch.max, in the rows
+    redone after the tie check; elsewhere query 0, sure of class 2, wins."""
+    logits = torch.log(torch.tensor([[[0.01, 0.01, 0.97, 0.01], [0.3, 0.3, 0.3, 0.1]]]))
+    masks = torch.full((1, 2, 6, 4), -1e4)
+    masks[0, 0, 3:] = 20.0
+    labels = semantic_labels(logits, masks, (24, 16), rows_per_tile=4)
+    assert (labels[0, :8] == 0).all() and (labels[0, 16:] == 2).all()
+    scores = semantic_inference(logits[0], postprocess_masks(masks[0], (24, 16), (24, 16), (24, 16)))
+    assert torch.equal(labels[0], scores.max(0).indices)
+
+
+def test_nan_scores_give_a_label_in_range():
+    logits, masks = torch.zeros(1, 3, 5), torch.zeros(1, 3, 4, 4)
+    masks[0, :, 1, 1] = float("nan")
+    labels = semantic_labels(logits, masks, (16, 16))
+    assert labels.min() >= 0 and labels.max() < 4
+
+
 def test_bad_shapes_and_sizes_are_named():
     with pytest.raises(ValueError, match="pred_logits"):
         semantic_labels(torch.zeros(1, 3, 5), torch.zeros(1, 4, 2, 2), (8, 8))
