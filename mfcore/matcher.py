@@ -34,52 +34,47 @@ def check_targets(targets: list[dict], batch_size: int) -> None:
                              f"{tuple(labels.shape)} and {tuple(masks.shape)}")
 
 
-def pairwise_focal(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
-    """Per-pixel mean sigmoid focal loss of every (prediction, target) pair, by one matrix product.
+def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+               scratch: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-pixel mean sigmoid focal loss and dice loss of every (prediction, target) pair.
 
-    logits: [..., N, P], targets: [..., M, P] in {0, 1} -> [..., N, M].
-    focal(x, t) = t * a (1-p)^g (-log p) + (1-t) * (1-a) p^g (-log(1-p)), p = sigmoid(x); it is linear
-    in t, so the sum over pixels for all pairs is pos @ t^T + neg @ (1-t)^T = (pos - neg) @ t^T + sum(neg).
+    logits: [B, N, P]; targets: [B, M, P] in {0, 1} -> (focal, dice), each [B, N, M].
+    With p = sigmoid(x), pos = (1-p)^g (-log p) and neg = p^g (-log(1-p)), both are linear in t:
+
+        sum_pixels focal(x, t) = a pos.t + (1-a) neg.(1-t) = a (pos - (1-a)/a neg).t + (1-a) sum(neg)
+        dice(m, t)             = 1 - (2 p.t + 1) / (sum(p) + sum(t) + 1)
+
+    so each needs one matrix product with the targets and one sum per prediction.
+    scratch: 4 work tensors shaped like logits (None: allocated here). Images go through them one at a
+    time: fewer multi-MB buffers in flight, so more of them stay in cache (~6% faster on CPU).
     """
-    scratch = [torch.empty_like(logits, memory_format=torch.contiguous_format) for _ in range(3)]
-    return _pairwise_focal_(logits, logits.sigmoid(), targets, alpha, gamma, scratch)
-
-
-def _pairwise_focal_(logits: Tensor, prob: Tensor, targets: Tensor, alpha: float, gamma: float,
-                     scratch: list[Tensor]) -> Tensor:
-    """pairwise_focal given prob = sigmoid(logits), which it overwrites (with prob^gamma), computed in
-    three scratch tensors shaped like logits (in-place: fresh multi-MB buffers cost more page faults on
-    CPU than the arithmetic done in them)."""
-    # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(-x) = softplus(x) - x.
-    # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
-    # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
-    one_minus = torch.sub(1, prob, out=scratch[0])
-    neg_log = torch.maximum(prob, one_minus, out=scratch[1]).log_()      # -log(1 + e^-|x|)
-    pos_log = torch.clamp(logits, min=0, out=scratch[2])
-    neg_log = torch.sub(pos_log, neg_log, out=neg_log)                   # -log(1 - p)
-    pos_log = torch.sub(neg_log, logits, out=pos_log)                   # -log p
-    pos = one_minus.pow_(gamma).mul_(pos_log)                           # (1-p)^g (-log p)
-    neg = neg_log.mul_(prob.pow_(gamma))                                # p^g (-log(1-p))
-    # a pos @ t^T + (1-a) neg @ (1-t)^T = a (pos - (1-a)/a neg) @ t^T + (1-a) sum(neg)
-    if alpha > 0:
-        total = alpha * (pos.sub_(neg, alpha=(1 - alpha) / alpha) @ targets.transpose(-1, -2))
-    else:
-        total = -(neg @ targets.transpose(-1, -2))
-    return (total + (1 - alpha) * neg.sum(-1)[..., None]) / logits.shape[-1]
-
-
-def pairwise_dice(logits: Tensor, targets: Tensor) -> Tensor:
-    """dice(m, t) = 1 - (2 sum(sigmoid(m) t) + 1) / (sum sigmoid(m) + sum t + 1) for every pair.
-
-    logits: [..., N, P], targets: [..., M, P] -> [..., N, M].
-    """
-    return _pairwise_dice(logits.sigmoid(), targets)
-
-
-def _pairwise_dice(prob: Tensor, targets: Tensor) -> Tensor:
-    numerator = 2 * (prob @ targets.transpose(-1, -2)) + 1
-    denominator = prob.sum(-1)[..., :, None] + targets.sum(-1)[..., None, :] + 1
-    return 1 - numerator / denominator
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha}: expected 0 < alpha <= 1")
+    batch, num_preds, num_pixels = logits.shape
+    scratch = scratch or [torch.empty_like(logits, memory_format=torch.contiguous_format) for _ in range(4)]
+    # [B, M, N]: with few targets (M ~ 8) BLAS runs t @ v^T ~25% faster than v @ t^T on CPU
+    weight_t, prob_t = (logits.new_empty(batch, targets.shape[1], num_preds) for _ in range(2))
+    neg_sum, prob_sum = (logits.new_empty(batch, num_preds) for _ in range(2))
+    for b in range(batch):
+        x, (one_minus, neg_log, pos_log, prob) = logits[b], (s[b] for s in scratch)
+        torch.sigmoid(x, out=prob)
+        torch.mm(targets[b], prob.t(), out=prob_t[b])
+        torch.sum(prob, -1, out=prob_sum[b])
+        # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(x) - x.
+        # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
+        # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
+        torch.sub(1, prob, out=one_minus)
+        torch.maximum(prob, one_minus, out=neg_log).log_()                   # -log(1 + e^-|x|)
+        torch.clamp(x, min=0, out=pos_log)
+        torch.sub(pos_log, neg_log, out=neg_log)                             # -log(1 - p)
+        torch.sub(neg_log, x, out=pos_log)                                   # -log p
+        pos = one_minus.pow_(gamma).mul_(pos_log)                            # (1-p)^g (-log p)
+        neg = neg_log.mul_(prob.pow_(gamma))                                 # p^g (-log(1-p))
+        torch.mm(targets[b], pos.sub_(neg, alpha=(1 - alpha) / alpha).t(), out=weight_t[b])
+        torch.sum(neg, -1, out=neg_sum[b])
+    focal = (alpha * weight_t.transpose(1, 2) + (1 - alpha) * neg_sum[..., None]) / num_pixels
+    dice = 1 - (2 * prob_t.transpose(1, 2) + 1) / (prob_sum[..., None] + targets.sum(-1)[:, None, :] + 1)
+    return focal, dice
 
 
 @functools.lru_cache(maxsize=32)
@@ -145,23 +140,21 @@ class HungarianMatcher(nn.Module):
             return [logits.new_zeros(num_queries, 0) for _ in targets]
         height, width = masks.shape[-2:]
         labels = torch.zeros(batch, most, dtype=torch.int64, device=logits.device)
-        gt = logits.new_zeros(batch, most, height * width)
+        gt = logits.new_empty(batch, most, height * width)
         for b, (t, n) in enumerate(zip(targets, sizes)):
+            gt[b, n:] = 0
             if n:
                 labels[b, :n] = t["labels"]
                 # Costs are computed at the prediction's resolution (H/4 x W/4): cheap, and no gradient.
-                gt[b, :n] = downsample_nearest(t["masks"], (height, width)).flatten(1).to(gt.device)
+                gt[b, :n].view(n, height, width).copy_(downsample_nearest(t["masks"], (height, width)))
 
         # -p_i(c_j) rather than DETR's -log p_i(c_j): the probability lies in [0, 1] like the dice cost
         # and the per-pixel focal mean, so no term can dominate the others by going to infinity.
         prob = logits.softmax(-1)                                               # [B, N, K+1]
         cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
         flat = masks.flatten(2)                                                 # [B, N, h*w]
-        scratch = self.scratch(flat, 4)
-        # the sigmoid is shared by both mask costs; dice goes first because focal overwrites it
-        mask_prob = torch.sigmoid(flat, out=scratch[3])
-        cost = self.cost_class * cost_class + self.cost_dice * _pairwise_dice(mask_prob, gt)
-        cost += self.cost_mask * _pairwise_focal_(flat, mask_prob, gt, 0.25, 2.0, scratch[:3])  # [B, N, max n]
+        focal, dice = mask_costs(flat, gt, 0.25, 2.0, self.scratch(flat, 4))    # [B, N, max n] each
+        cost = self.cost_class * cost_class + self.cost_mask * focal + self.cost_dice * dice
         return [cost[b, :, :n] for b, n in enumerate(sizes)]
 
     @torch.no_grad()
@@ -231,5 +224,5 @@ class BoxMatcher(nn.Module):
         return assign(self.cost_matrices(outputs, targets))
 
 
-__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "pairwise_focal", "pairwise_dice", "downsample_nearest",
+__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "mask_costs", "downsample_nearest",
            "assign", "check_targets"]
