@@ -90,17 +90,21 @@ def semantic_labels(
         # class-major, so that the max over classes runs along contiguous pixels
         return class_probs[b] @ probs.view(-1, queries).t()
 
+    def pixels(b: int, start: int, stop: int) -> slice:
+        """Where rows start..stop of image b lie in the flat label map."""
+        return slice((b * out_h + start) * out_w, (b * out_h + stop) * out_w)
+
     tiles = [(b, start, min(start + tile, out_h)) for b in range(batch) for start in range(0, out_h, tile)]
     labels = torch.empty(batch * out_h * out_w, dtype=torch.long, device=device)
     if device.type != "cpu":
         for b, start, stop in tiles:
-            labels[(b * out_h + start) * out_w: (b * out_h + stop) * out_w] = tile_scores(b, start, stop).max(0).indices
+            labels[pixels(b, start, stop)] = tile_scores(b, start, stop).max(0).indices
         return labels.view(batch, out_h, out_w)
 
     # On CPU, torch.max's indices over the class axis cost ~5x its values (amax). So each tile marks the
     # classes that reach the maximum, hits [K, P] in {0, 1}, and one product with the rows (c, 1) gives per
     # pixel the sum of those classes and their count: the class itself where the count is 1. Rows with a
-    # tie (or a NaN: count 0) are redone with torch.max, which takes the first class, as before.
+    # tie (or a NaN: count 0) are redone with torch.max, which takes the first class.
     classes = class_probs.shape[1]
     pick = torch.stack([torch.arange(classes, dtype=torch.float32), torch.ones(classes)])  # [2, K], exact < 2^24
     hits = torch.empty(classes, tile * out_w)
@@ -109,10 +113,10 @@ def semantic_labels(
         scores = tile_scores(b, start, stop)
         tile_hits = hits[:, :scores.shape[1]]
         torch.eq(scores, scores.amax(0), out=tile_hits)
-        torch.mm(pick, tile_hits, out=found[:, (b * out_h + start) * out_w: (b * out_h + stop) * out_w])
+        torch.mm(pick, tile_hits, out=found[:, pixels(b, start, stop)])
     labels.copy_(found[0])
     tied = found[1].ne(1).view(batch, out_h, out_w).any(-1).nonzero().tolist()   # [[b, row], ...]
     for b, start in sorted({(b, row - row % tile) for b, row in tied}):
         stop = min(start + tile, out_h)
-        labels[(b * out_h + start) * out_w: (b * out_h + stop) * out_w] = tile_scores(b, start, stop).max(0).indices
+        labels[pixels(b, start, stop)] = tile_scores(b, start, stop).max(0).indices
     return labels.view(batch, out_h, out_w)
