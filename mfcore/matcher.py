@@ -35,7 +35,7 @@ def check_targets(targets: list[dict], batch_size: int) -> None:
 
 
 def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
-               scratch: list[Tensor] | None = None) -> tuple[Tensor, Tensor]:
+               scratch: list[Tensor] | None = None, per_image: bool | None = None) -> tuple[Tensor, Tensor]:
     """Per-pixel mean sigmoid focal loss and dice loss of every (prediction, target) pair.
 
     logits: [B, N, P]; targets: [B, M, P] in {0, 1} -> (focal, dice), each [B, N, M].
@@ -45,8 +45,9 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
         dice(m, t)             = 1 - (2 p.t + 1) / (sum(p) + sum(t) + 1)
 
     so each needs one matrix product with the targets and one sum per prediction.
-    scratch: 4 work tensors shaped like logits (None: allocated here). Images go through them one at a
-    time: fewer multi-MB buffers in flight, so more of them stay in cache (~6% faster on CPU).
+    scratch: 4 work tensors shaped like logits (None: allocated here). per_image (default: on CPU) sends the
+    images through them one at a time: fewer multi-MB buffers in flight, so more of them stay in cache (~6%
+    faster on CPU); on a GPU the whole batch goes at once (fewer kernel launches).
     """
     if not 0 < alpha <= 1:
         raise ValueError(f"alpha={alpha}: expected 0 < alpha <= 1")
@@ -55,11 +56,14 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
     # [B, M, N]: with few targets (M ~ 8) BLAS runs t @ v^T ~25% faster than v @ t^T on CPU
     weight_t, prob_t = (logits.new_empty(batch, targets.shape[1], num_preds) for _ in range(2))
     neg_sum, prob_sum = (logits.new_empty(batch, num_preds) for _ in range(2))
-    for b in range(batch):
-        x, (one_minus, neg_log, pos_log, prob) = logits[b], (s[b] for s in scratch)
+    if per_image is None:
+        per_image = logits.device.type == "cpu"
+    parts = range(batch) if per_image else [slice(None)]                 # an image [N, P] or all [B, N, P]
+    for part in parts:
+        x, (one_minus, neg_log, pos_log, prob) = logits[part], (s[part] for s in scratch)
         torch.sigmoid(x, out=prob)
-        torch.mm(targets[b], prob.t(), out=prob_t[b])
-        torch.sum(prob, -1, out=prob_sum[b])
+        torch.matmul(targets[part], prob.transpose(-1, -2), out=prob_t[part])
+        torch.sum(prob, -1, out=prob_sum[part])
         # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(x) - x.
         # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
         # and costs one fast log instead of the slow log1p(exp()) of F.softplus (the hot spot here).
@@ -70,8 +74,9 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
         torch.sub(neg_log, x, out=pos_log)                                   # -log p
         pos = one_minus.pow_(gamma).mul_(pos_log)                            # (1-p)^g (-log p)
         neg = neg_log.mul_(prob.pow_(gamma))                                 # p^g (-log(1-p))
-        torch.mm(targets[b], pos.sub_(neg, alpha=(1 - alpha) / alpha).t(), out=weight_t[b])
-        torch.sum(neg, -1, out=neg_sum[b])
+        weight = pos.sub_(neg, alpha=(1 - alpha) / alpha)
+        torch.matmul(targets[part], weight.transpose(-1, -2), out=weight_t[part])
+        torch.sum(neg, -1, out=neg_sum[part])
     focal = (alpha * weight_t.transpose(1, 2) + (1 - alpha) * neg_sum[..., None]) / num_pixels
     dice = 1 - (2 * prob_t.transpose(1, 2) + 1) / (prob_sum[..., None] + targets.sum(-1)[:, None, :] + 1)
     return focal, dice

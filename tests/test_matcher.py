@@ -59,6 +59,8 @@ def test_mask_costs_other_alpha_gamma_and_large_logits(alpha, gamma):
                  + (1 - alpha) * (1 - t) * p ** gamma * torch.nn.functional.softplus(logits)[:, :, None])
     torch.testing.assert_close(focal, per_pixel.mean(-1))
     torch.testing.assert_close(dice, 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1))
+    batched = mask_costs(logits, targets, alpha, gamma, per_image=False)  # the GPU default
+    torch.testing.assert_close(batched, (focal, dice))
     with pytest.raises(ValueError, match="alpha=0"):
         mask_costs(logits, targets, alpha=0.0)
 
