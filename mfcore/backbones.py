@@ -9,7 +9,7 @@ and exposes the channels as `out_channels = {"res2": C2, ..., "res5": C5}`.
 
 The paper's backbones (Sec. 4, Table 1), built from timm with timm/torchvision parameter names:
   r50, r101     ResNet, stride in the 3x3 conv, frozen BatchNorm (statistics and affine are buffers),
-                folded into the convolution before it when no gradient is needed (see `_FrozenBNConv`).
+                folded into the convolution before it when no gradient is needed (`mfcore.frozen_bn`).
   r101c         R101 whose 7x7 stem is the "DeepLab stem": 3x3 convs 3->64 (stride 2)->64->128.
   swin-t/s/b/l  Swin Transformer, patch 4, window 7 (T, S) or 12 (B, L: the 384-pretrained models),
                 feature maps padded to whole windows as in the released segmentation code, and a
@@ -35,7 +35,8 @@ from timm.models.swin_transformer import (SwinTransformer, SwinTransformerBlock,
                                           window_partition, window_reverse)
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
-from torchvision.ops import FrozenBatchNorm2d
+
+from .frozen_bn import fold_frozen_bn
 
 FEATURES = ("res2", "res3", "res4", "res5")
 STRIDES = (4, 8, 16, 32)
@@ -93,41 +94,8 @@ class ResNetBackbone(Backbone):
         return feats
 
 
-class _FrozenBNConv(nn.Conv2d):
-    """A bias-free conv whose output goes straight into a frozen BatchNorm; without gradients to its
-    weight (inference, no_grad, frozen stages) the two run as one convolution.
-
-    Per output channel, BN(conv(x, W)) = conv(x, W * s) + t with s = weight / sqrt(running_var + eps) and
-    t = bias - running_mean * s, the scale and shift of torchvision's FrozenBatchNorm2d. Folded, the BN's
-    two passes over the activation become one pass over the weights (the bias is added inside the conv):
-    R50 inference at 512x512 runs ~4% faster on CPU. When W is being trained, autograd would keep W * s
-    for the backward (a second copy of the weights: +90 MiB for R50) and its backward costs what the
-    activation passes save, so while W trains the conv and the BN run one after the other.
-    s and t are recomputed from the BN's buffers at every call, so loading a state dict or moving the
-    model needs nothing else. The BN stays where it was, with its buffers and state-dict names, as a
-    `_FoldedFrozenBN` that passes its input through.
-    """
-
-    frozen_bn: tuple[FrozenBatchNorm2d]  # in a tuple, so that the BN is not registered a second time here
-
-    def forward(self, x: Tensor) -> Tensor:
-        bn = self.frozen_bn[0]
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return FrozenBatchNorm2d.forward(bn, super().forward(x))
-        scale = bn.weight * (bn.running_var + bn.eps).rsqrt()  # [C_out]
-        return self._conv_forward(x, self.weight * scale.view(-1, 1, 1, 1), bn.bias - bn.running_mean * scale)
-
-
-class _FoldedFrozenBN(FrozenBatchNorm2d):
-    """A frozen BatchNorm applied by the `_FrozenBNConv` before it: the identity here."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x
-
-
-def _fold_frozen_bn(net: ResNet) -> None:
-    """Fold every frozen BN of a timm ResNet into the conv that feeds it (in place, same parameters,
-    buffers and state-dict keys)."""
+def _conv_bn_pairs(net: ResNet) -> list[tuple[nn.Module, nn.Module]]:
+    """Every (conv, the BN that reads its output) of a timm ResNet, stem and shortcuts included."""
     # the deep stem is Sequential(conv, bn, act, conv, bn, act, conv) followed by net.bn1
     stem = list(net.conv1) if isinstance(net.conv1, nn.Sequential) else [net.conv1]
     pairs = [(stem[i], stem[i + 1]) for i in range(0, len(stem) - 1, 3)] + [(stem[-1], net.bn1)]
@@ -138,11 +106,7 @@ def _fold_frozen_bn(net: ResNet) -> None:
                     pairs.append((getattr(block, f"conv{i}"), getattr(block, f"bn{i}")))
             if block.downsample is not None:  # Sequential([pool,] conv, bn)
                 pairs.append((block.downsample[-2], block.downsample[-1]))
-    for conv, bn in pairs:
-        if type(conv) is not nn.Conv2d or conv.bias is not None or type(bn) is not FrozenBatchNorm2d:
-            raise TypeError(f"cannot fold {bn} into {conv}: expected a bias-free Conv2d and a FrozenBatchNorm2d")
-        conv.__class__, conv.frozen_bn = _FrozenBNConv, (bn,)
-        bn.__class__ = _FoldedFrozenBN
+    return pairs
 
 
 def _resnet(depths: tuple[int, ...], bottleneck: bool, frozen_bn: bool, deep_stem: bool,
@@ -154,7 +118,7 @@ def _resnet(depths: tuple[int, ...], bottleneck: bool, frozen_bn: bool, deep_ste
     if frozen_bn:
         # BN(x) = (x - mean) / sqrt(var + eps) * weight + bias with all four held as buffers
         net = freeze_batch_norm_2d(net)
-        _fold_frozen_bn(net)
+        fold_frozen_bn(_conv_bn_pairs(net))
     return ResNetBackbone(net)
 
 

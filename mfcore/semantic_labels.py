@@ -75,8 +75,11 @@ def semantic_labels(
     if out_h != image_size[0]:
         rows = interpolation_matrix(image_size[0], out_h, device) @ rows
     rows = rows.to(pred_masks.dtype)
-    used = rows.ne(0)  # the low-resolution rows each output row reads
-    first, last = used.float().argmax(1).tolist(), (height - 1 - used.flip(1).float().argmax(1)).tolist()
+    if tile < out_h:  # the low-resolution rows each output row reads (read on the host: a GPU would sync)
+        used = rows.ne(0)
+        first, last = used.float().argmax(1).tolist(), (height - 1 - used.flip(1).float().argmax(1)).tolist()
+    else:  # one tile per image reads them all
+        first, last = [0] * out_h, [height - 1] * out_h
 
     class_probs = pred_logits.float().softmax(-1)[..., :-1].transpose(1, 2)                   # [B, K, N]
     class_probs = class_probs.to(pred_masks.dtype).contiguous()

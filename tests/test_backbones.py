@@ -2,7 +2,6 @@
 
 Big models are built on the meta device (shapes only, no memory, no arithmetic).
 """
-import copy
 import functools
 import re
 
@@ -13,8 +12,7 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from mfcore.backbones import (BACKBONES, STRIDES, SwinBackbone, _FoldedFrozenBN, _FrozenBNConv, _PadThenShiftBlock,
-                              _resnet, build_backbone, load_pretrained)
+from mfcore.backbones import BACKBONES, STRIDES, SwinBackbone, _PadThenShiftBlock, build_backbone, load_pretrained
 
 # a small Swin (same code as swin-t/s/b/l, other widths) for the tests that need real arithmetic
 SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)
@@ -129,48 +127,6 @@ def test_frozen_bn_has_no_parameters_and_ignores_batch_statistics():
         train_out = r50.train()(x)["res5"]
         eval_out = r50.eval()(x)["res5"]
     torch.testing.assert_close(train_out, eval_out, rtol=0, atol=0)
-
-
-def unfolded(backbone: nn.Module) -> nn.Module:
-    """A copy that runs every conv and frozen BN as the separate plain modules (the reference)."""
-    reference = copy.deepcopy(backbone)
-    for m in reference.modules():
-        if isinstance(m, _FrozenBNConv):
-            m.__class__ = nn.Conv2d
-        elif isinstance(m, _FoldedFrozenBN):
-            m.__class__ = FrozenBatchNorm2d
-    return reference
-
-
-@pytest.mark.parametrize("bottleneck, deep_stem", [(True, True), (False, False)])
-def test_folded_frozen_bn_matches_conv_then_bn(bottleneck, deep_stem, one_thread):
-    torch.manual_seed(0)
-    folded = _resnet((1, 1, 1, 1), bottleneck=bottleneck, frozen_bn=True, deep_stem=deep_stem, drop_path=0.0)
-    frozen = [m for m in folded.modules() if isinstance(m, FrozenBatchNorm2d)]
-    assert all(isinstance(m, _FoldedFrozenBN) for m in frozen)  # every BN, stem and shortcuts included
-    assert sum(isinstance(m, _FrozenBNConv) for m in folded.modules()) == len(frozen)
-    # non-trivial statistics and affine, loaded through the state dict: the fold must read them
-    state = folded.state_dict()
-    for key, value in state.items():
-        if key.endswith(("running_var", "weight")) and value.dim() == 1:
-            state[key] = torch.rand_like(value) + 0.5
-        elif key.endswith(("running_mean", "bias")):
-            state[key] = torch.randn_like(value)
-    folded.load_state_dict(state)
-    reference = unfolded(folded)
-    assert list(reference.state_dict()) == list(state)
-    folded, reference = (net.to(memory_format=torch.channels_last) for net in (folded, reference))
-    x = torch.randn(2, 3, 64, 64).contiguous(memory_format=torch.channels_last)
-    with torch.no_grad():  # folded into the convs
-        expected = reference(x)
-        for key, value in folded(x).items():
-            scale = expected[key].abs().max()
-            torch.testing.assert_close(value / scale, expected[key] / scale, rtol=0, atol=1e-5)
-    for net in (folded, reference):  # training the conv weights: conv, then BN
-        sum(f.square().mean() for f in net(x).values()).backward()
-    for (name, p), q in zip(folded.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad / q.grad.abs().max(), q.grad / q.grad.abs().max(), rtol=0, atol=1e-4,
-                                   msg=name)
 
 
 def test_small_backbones_have_trainable_norms():

@@ -24,6 +24,7 @@ def test_interpolation_matrix_is_f_interpolate_up_and_down(out_size, in_size):
     ((32, 40), (27, 33), (50, 61), 3),      # padding cropped, then resized up; tiles not dividing the rows
     ((32, 32), (20, 30), (13, 9), 1),       # resized down, one row per tile
     ((32, 32), (32, 32), (32, 32), 100),    # one tile larger than the map
+    ((32, 40), (27, 33), (50, 61), 50),     # one tile with padding and a resize (the GPU default)
 ])
 def test_labels_equal_argmax_of_semantic_inference(padded, image, output, tile):
     torch.manual_seed(0)
