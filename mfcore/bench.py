@@ -29,8 +29,8 @@ import torch
 from . import bench_hf
 from .bench_report import environment, print_table, write_results
 from .analysis import count_flops as count_macs
-from .bench_steps import (SIZES, alternate, build_contender, case, count_flops, inference, make_batch, matcher_inputs,
-                          matchers, measure_memory, memory_case, tiny_step, train_step)
+from .bench_steps import (SIZES, alternate, build_contender, case, count_flops, count_operators, inference, make_batch,
+                          matcher_inputs, matchers, measure_memory, memory_case, normalized, tiny_step, train_step)
 from .losses import build_criterion, total_loss
 from .runtime import resolve_device
 
@@ -75,6 +75,19 @@ def same_assignment(fns: dict[str, Callable[[], list]]) -> bool:
     return pairs["mfcore"] == pairs["transformers"]
 
 
+def operators(eager: dict[str, torch.nn.Module], images: torch.Tensor) -> dict[str, int]:
+    """ATen operators (views excluded) of one eager eval forward per side, post-processing left out (on CPU
+    mfcore's labels run in tiles; a GPU takes one): on a GPU, a lower bound on the kernel launches, which
+    bound a batch-1 prediction there."""
+    counts = {}
+    for impl, model in eager.items():
+        x = images if impl == "mfcore" else normalized(images)
+        with torch.inference_mode():
+            model.eval()(x)  # the steady state: mfcore's first call after training refolds its frozen BNs
+            counts[impl] = count_operators(lambda: model(x))
+    return counts
+
+
 def _contenders(impls: list[str], device: torch.device, compile_mode: str | None) -> tuple[dict, dict]:
     """(eager models, models to time): with a compile_mode the timed mfcore model is torch.compile'd in
     that mode ("reduce-overhead" adds CUDA graphs on GPU); FLOPs are always counted on the eager one."""
@@ -104,6 +117,7 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
     images = make_batch(batch, size, 150, 0, device)[0]
     fns = {impl: inference(impl, models[impl], images) for impl in impls}
     flops = 2 * batch * count_macs(eager["mfcore"], (size, size))  # the paper's count, 2 flops per multiply-add
+    checks["operators_per_forward"] = operators(eager, images)
     cases.append(case("inference", f"eval forward + semantic inference -> labels, R50, {size}x{size}, batch {batch}",
                       alternate(fns, reps, warmup, device), flops=flops))
     del eager, models, fns
@@ -160,6 +174,8 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         images = make_batch(batch, size, 150, 0, device)[0]
         fns = {impl: inference(impl, models[impl], images, amp) for impl in impls}
         flops = 2 * batch * count_macs(eager["mfcore"], (size, size))
+        if batch == 1:
+            checks["operators_per_forward"] = operators(eager, images)
         timings = alternate(fns, reps, warmup, device)
         add(case(f"inference_{amp or 'fp32'}_b{batch}", f"inference img/s, {amp or 'fp32'}, R50, {size}x{size}, "
                  f"batch {batch}", timings, per_call=batch, unit="img/s", flops=flops), amp)

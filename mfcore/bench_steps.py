@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from . import bench_hf
@@ -189,6 +190,24 @@ def count_flops(fn: Callable[[], object]) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return counter.get_total_flops()
+
+
+class _OperatorCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += not func.is_view
+        return func(*args, **(kwargs or {}))
+
+
+def count_operators(fn: Callable[[], object]) -> int:
+    """ATen operators one call runs, views excluded. Run eagerly on a GPU, each is at least one kernel
+    launch, and a batch-1 prediction is bound by launches there: a count that CPU runs can check."""
+    with _OperatorCounter() as counter:
+        fn()
+    return counter.count
 
 
 def case(name: str, what: str, timings: dict[str, dict], per_call: float = 1.0, unit: str = "s",

@@ -5,7 +5,7 @@ import json
 import torch
 
 from mfcore.bench import gpu_peak_tflops
-from mfcore.bench_steps import alternate, case, make_batch, memory_case
+from mfcore.bench_steps import alternate, case, count_operators, make_batch, memory_case
 
 
 def test_quick_bench_writes_json_and_markdown(tmp_path):
@@ -26,11 +26,17 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     timing = data["cases"][0]["mfcore"]
     assert len(timing["wall_s"]) == data["reps"] == 1 and timing["flops_per_call"] > 0
     memory = data["cases"][3]["mfcore"]
+    assert set(data["checks"]["operators_per_forward"]) == {"mfcore"}
     assert memory["peak_mib"] >= memory["before_step_mib"] > 0
     markdown = (tmp_path / "cpu-quick.md").read_text()
     for name in names:
         assert f"| {name} |" in markdown
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files behind
+
+
+def test_count_operators_leaves_out_views():
+    x = torch.ones(3)
+    assert count_operators(lambda: (x + 1).view(3, 1).mul(2).t().reshape(3).sum()) == 3  # add, mul, sum
 
 
 def test_alternate_reverses_order_and_takes_the_median():
