@@ -12,6 +12,8 @@ CPU (R50 = MaskFormer ResNet-50, K=150 classes, N=100 queries, 6 decoder layers;
 GPU (`--device cuda`): training img/s of R50 at 512x512, batch 8, in fp32 and bf16 autocast; inference
 img/s at batch 1 (the paper: 24.5 fps on a V100) and batch 16; the achieved FLOP rate against the GPU's
 datasheet peak; matcher and memory (torch.cuda.max_memory_allocated) as on CPU.
+Both: the ATen operators of one eager eval forward per side (views excluded), a count CPU runs can check
+of what bounds a batch-1 prediction on a GPU, where every operator is at least one kernel launch.
 
 Method: one process, fixed thread count, warm-up calls, then rounds in which the two sides run one
 after the other, alternating who goes first; medians of wall time (and of process CPU time) are
