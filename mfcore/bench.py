@@ -24,7 +24,7 @@ transformers is optional (`pip install -e ".[bench]"`); without it the mfcore si
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -44,6 +44,7 @@ GPU_PEAKS = (("H100 PCIe", (51.2, 378.0, 756.0)), ("H100 NVL", (60.0, 417.5, 835
 
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
+PARTS = ("train", "inference", "matcher", "memory", "tiny")  # --only: the GPU suite has no "tiny"
 
 
 def gpu_peak_tflops(name: str, amp: str | None) -> tuple[float | None, str]:
@@ -99,56 +100,60 @@ def _contenders(impls: list[str], device: torch.device, compile_mode: str | None
 
 
 def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
-              memory: bool, compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+              parts: frozenset[str], compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    eager, models = _contenders(impls, device, compile_mode)
+    eager, models = _contenders(impls, device, compile_mode)  # built lazily by torch.compile: cheap if unused
     cases, checks = [], {}
-    if with_hf:
+    if with_hf and "train" in parts:
         checks["loss_on_same_predictions"] = loss_cross_check(models["transformers"], sizes["train"][0], device)
 
-    size, batch = sizes["train"]
-    log(f"train_step: R50 {size}x{size}, batch {batch}")
-    images, targets = make_batch(batch, size, 150, 0, device)
-    fns = {impl: train_step(impl, models[impl], images, targets) for impl in impls}
-    flops = count_flops(train_step("mfcore", eager["mfcore"], images, targets))
-    cases.append(case("train_step", f"forward + loss (18 terms) + backward, R50, {size}x{size}, batch {batch}",
-                      alternate(fns, reps, warmup, device), flops=flops))
+    if "train" in parts:
+        size, batch = sizes["train"]
+        log(f"train_step: R50 {size}x{size}, batch {batch}")
+        images, targets = make_batch(batch, size, 150, 0, device)
+        fns = {impl: train_step(impl, models[impl], images, targets) for impl in impls}
+        flops = count_flops(train_step("mfcore", eager["mfcore"], images, targets))
+        cases.append(case("train_step", f"forward + loss (18 terms) + backward, R50, {size}x{size}, batch {batch}",
+                          alternate(fns, reps, warmup, device), flops=flops))
 
-    size, batch = sizes["infer"]
-    log(f"inference: R50 {size}x{size}, batch {batch}")
-    images = make_batch(batch, size, 150, 0, device)[0]
-    fns = {impl: inference(impl, models[impl], images) for impl in impls}
-    flops = 2 * batch * count_macs(eager["mfcore"], (size, size))  # the paper's count, 2 flops per multiply-add
-    checks["operators_per_forward"] = operators(eager, images)
-    cases.append(case("inference", f"eval forward + semantic inference -> labels, R50, {size}x{size}, batch {batch}",
-                      alternate(fns, reps, warmup, device), flops=flops))
-    del eager, models, fns
+    if "inference" in parts:
+        size, batch = sizes["infer"]
+        log(f"inference: R50 {size}x{size}, batch {batch}")
+        images = make_batch(batch, size, 150, 0, device)[0]
+        fns = {impl: inference(impl, models[impl], images) for impl in impls}
+        flops = 2 * batch * count_macs(eager["mfcore"], (size, size))  # the paper's count, 2 flops per multiply-add
+        checks["operators_per_forward"] = operators(eager, images)
+        cases.append(case("inference", f"eval forward + semantic inference -> labels, R50, {size}x{size}, "
+                          f"batch {batch}", alternate(fns, reps, warmup, device), flops=flops))
+    del eager, models
 
-    log("matcher")
-    outputs, targets = matcher_inputs(sizes["match"], device)
-    fns = matchers(outputs, targets, with_hf)
-    if with_hf:
-        checks["matcher_same_assignment"] = same_assignment(fns)
-    cases.append(case("matcher", f"Hungarian matching, B=2, N=100, K=150, {sizes['match']}x{sizes['match']} "
-                      "predictions, 8 segments/image", alternate(fns, 10 * reps, warmup, device)))
+    if "matcher" in parts:
+        log("matcher")
+        outputs, targets = matcher_inputs(sizes["match"], device)
+        fns = matchers(outputs, targets, with_hf)
+        if with_hf:
+            checks["matcher_same_assignment"] = same_assignment(fns)
+        cases.append(case("matcher", f"Hungarian matching, B=2, N=100, K=150, {sizes['match']}x{sizes['match']} "
+                          "predictions, 8 segments/image", alternate(fns, 10 * reps, warmup, device)))
 
-    if memory:
+    if "memory" in parts:
         size, batch = sizes["train"]
         log("train_memory: one fresh process per side")
         results = {impl: measure_memory(impl, device, size, batch, threads) for impl in impls}
         cases.append(memory_case("train_memory", f"peak RSS over 2 train steps minus RSS before them ({size}x{size}, "
                                  f"batch {batch}), fresh process per side", results))
 
-    size, batch = sizes["tiny"]
-    log(f"tiny_train: synthetic-maskformer-tiny {size}x{size}, batch {batch}")
-    step = tiny_step(size, batch, device)
-    cases.append(case("tiny_train", f"synthetic-maskformer-tiny, {size}x{size}, batch {batch}, optimiser steps",
-                      alternate({"mfcore": step}, reps, warmup, device), per_call=batch, unit="img/s"))
+    if "tiny" in parts:
+        size, batch = sizes["tiny"]
+        log(f"tiny_train: synthetic-maskformer-tiny {size}x{size}, batch {batch}")
+        step = tiny_step(size, batch, device)
+        cases.append(case("tiny_train", f"synthetic-maskformer-tiny, {size}x{size}, batch {batch}, optimiser steps",
+                          alternate({"mfcore": step}, reps, warmup, device), per_call=batch, unit="img/s"))
     return cases, checks
 
 
 def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
-              memory: bool, compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
+              parts: frozenset[str], compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     torch.backends.cudnn.benchmark = True  # both sides: let cuDNN pick its fastest kernels for fixed shapes
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
     eager, models = _contenders(impls, device, compile_mode)
@@ -164,13 +169,14 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
 
     size, batch = sizes["gpu_train"]
     images, targets = make_batch(batch, size, 150, 0, device)
-    for amp in (None, "bf16"):
+    for amp in (None, "bf16") if "train" in parts else ():
         log(f"train {amp or 'fp32'}: R50 {size}x{size}, batch {batch}")
         fns = {impl: train_step(impl, models[impl], images, targets, amp) for impl in impls}
         flops = count_flops(train_step("mfcore", eager["mfcore"], images, targets, amp))
         add(case(f"train_{amp or 'fp32'}", f"training img/s, {amp or 'fp32'}, R50, {size}x{size}, batch {batch}",
                  alternate(fns, reps, warmup, device), per_call=batch, unit="img/s", flops=flops), amp)
-    for batch, amp in ((1, None), (sizes["gpu_infer"][1], None), (sizes["gpu_infer"][1], "bf16")):
+    inference_runs = ((1, None), (sizes["gpu_infer"][1], None), (sizes["gpu_infer"][1], "bf16"))
+    for batch, amp in inference_runs if "inference" in parts else ():
         size = sizes["gpu_infer"][0]
         log(f"inference {amp or 'fp32'}: R50 {size}x{size}, batch {batch}")
         images = make_batch(batch, size, 150, 0, device)[0]
@@ -181,15 +187,16 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         timings = alternate(fns, reps, warmup, device)
         add(case(f"inference_{amp or 'fp32'}_b{batch}", f"inference img/s, {amp or 'fp32'}, R50, {size}x{size}, "
                  f"batch {batch}", timings, per_call=batch, unit="img/s", flops=flops), amp)
-    del eager, models, fns
+    del eager, models
 
-    outputs, targets = matcher_inputs(sizes["match"], device)
-    fns = matchers(outputs, targets, with_hf)
-    if with_hf:
-        checks["matcher_same_assignment"] = same_assignment(fns)
-    cases.append(case("matcher", f"Hungarian matching, B=2, N=100, K=150, {sizes['match']}x{sizes['match']}",
-                      alternate(fns, 10 * reps, warmup, device)))
-    if memory:
+    if "matcher" in parts:
+        outputs, targets = matcher_inputs(sizes["match"], device)
+        fns = matchers(outputs, targets, with_hf)
+        if with_hf:
+            checks["matcher_same_assignment"] = same_assignment(fns)
+        cases.append(case("matcher", f"Hungarian matching, B=2, N=100, K=150, {sizes['match']}x{sizes['match']}",
+                          alternate(fns, 10 * reps, warmup, device)))
+    if "memory" in parts:
         size, batch = sizes["gpu_train"]
         results = {impl: measure_memory(impl, device, size, batch, threads) for impl in impls}
         cases.append(memory_case("train_memory", f"torch.cuda.max_memory_allocated over 2 fp32 train steps minus "
@@ -199,13 +206,20 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
 
 def main(device: str = "cpu", threads: int | None = None, reps: int | None = None, warmup: int = 1,
          quick: bool = False, out_dir: str = "results/benchmarks", compare: bool = True, memory: bool = True,
-         compile_mode: str | None = None, log: Callable[[str], None] = print) -> dict:
-    """Run the suite for `device`, print the table, write <out_dir>/<device>[-quick][-compiled[-MODE]].{json,md};
-    returns the result dict. compare=False (or transformers not installed) times mfcore alone;
+         compile_mode: str | None = None, only: Sequence[str] | None = None,
+         log: Callable[[str], None] = print) -> dict:
+    """Run the suite for `device`, print the table, write
+    <out_dir>/<device>[-quick][-compiled[-MODE]][-only-PARTS].{json,md}; returns the result dict.
+    compare=False (or transformers not installed) times mfcore alone; memory=False skips the memory case;
     compile_mode ("default", "reduce-overhead", "max-autotune") times torch.compile(mfcore model, mode=...)
-    (transformers stays eager; warm-up includes compiling)."""
+    (transformers stays eager; warm-up includes compiling); `only` runs a subset of PARTS (e.g. a short GPU
+    lease: only=["inference"])."""
     if compile_mode not in COMPILE_MODES:
         raise ValueError(f"compile_mode={compile_mode!r}: expected one of {COMPILE_MODES}")
+    unknown = sorted(set(only or ()) - set(PARTS))
+    if unknown or (only is not None and not only):
+        raise ValueError(f"only={list(only)!r}: expected one or more of {PARTS}")
+    parts = frozenset(only or PARTS) - (set() if memory else {"memory"})
     dev = resolve_device(device)
     if threads is not None:
         if threads < 1:
@@ -220,13 +234,16 @@ def main(device: str = "cpu", threads: int | None = None, reps: int | None = Non
         log("transformers is not installed: timing mfcore alone (pip install -e '.[bench]' to compare)")
     env = environment(dev, threads)
     suite = cpu_suite if dev.type == "cpu" else gpu_suite
-    cases, checks = suite(dev, SIZES["quick" if quick else "full"], reps, warmup, with_hf, threads, memory,
+    cases, checks = suite(dev, SIZES["quick" if quick else "full"], reps, warmup, with_hf, threads, parts,
                           compile_mode, log)
+    if not cases:
+        raise ValueError(f"only={sorted(parts)}: the {dev.type} suite has none of these")
     env["machine"]["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     result = {"environment": env, "quick": quick, "compiled": compile_mode, "reps": reps, "warmup": warmup,
-              "cases": cases, "checks": checks}
+              "only": [p for p in PARTS if p in parts] if only else None, "cases": cases, "checks": checks}
     compiled = "" if not compile_mode else "-compiled" + ("" if compile_mode == "default" else "-" + compile_mode)
-    stem = dev.type + ("-quick" if quick else "") + compiled
+    subset = "-only-" + "-".join(result["only"]) if only else ""
+    stem = dev.type + ("-quick" if quick else "") + compiled + subset
     json_path, md_path = write_results(result, out_dir, stem)
     print_table(cases)
     log(f"wrote {json_path} and {md_path}")

@@ -111,6 +111,7 @@ def markdown(result: dict) -> str:
     hardware = m["gpu"]["name"] if "gpu" in m else f"{m['cpu']}, {m['usable_cpus']} usable CPUs"
     load = " -> ".join(f"{x[0]:.1f}" for x in (m.get("load_average_start"), m.get("load_average_end")) if x)
     flags = (", quick" if result["quick"] else "") + (f", mfcore torch.compile'd ({result['compiled']})" if result.get("compiled") else "")
+    flags += f", only {', '.join(result['only'])}" if result.get("only") else ""
     lines = [f"# mfcore benchmarks ({env['device']}{flags})", "",
              f"- date: {env['date']}; git commit {commit}",
              f"- command: `{env['command']}`",

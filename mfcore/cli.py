@@ -87,7 +87,8 @@ def _bench(args: argparse.Namespace) -> None:
     from .bench import main as bench
 
     bench(device=args.device, threads=args.threads, reps=args.reps, warmup=args.warmup, quick=args.quick,
-          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory, compile_mode=args.compile)
+          out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory, compile_mode=args.compile,
+          only=args.only)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -145,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
                    help="time torch.compile(mfcore model, mode=MODE) (default mode; reduce-overhead adds CUDA "
                         "graphs on GPU); writes <device>-compiled[-MODE].*")
+    p.add_argument("--only", nargs="+", choices=("train", "inference", "matcher", "memory", "tiny"),
+                   help="run only these parts (tiny: CPU only); writes <device>[...]-only-PARTS.*")
     p.set_defaults(func=_bench)
 
     p = sub.add_parser("make-synthetic", help="write synthetic scenes in the ADE20K and COCO panoptic layouts")

@@ -86,3 +86,17 @@ def test_unknown_compile_mode_is_refused_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="reduce_overhead"):
         main(quick=True, out_dir=str(tmp_path), compile_mode="reduce_overhead")
     assert not any(tmp_path.iterdir())
+
+
+def test_only_runs_the_named_parts_into_a_file_of_their_own(tmp_path):
+    from mfcore.bench import main
+
+    with pytest.raises(ValueError, match="trian"):
+        main(quick=True, out_dir=str(tmp_path), only=["trian"])
+    result = main(device="cpu", threads=1, quick=True, warmup=0, out_dir=str(tmp_path), compare=False,
+                  only=["tiny", "matcher"], log=lambda _: None)
+    assert [c["name"] for c in result["cases"]] == ["matcher", "tiny_train"] and result["only"] == ["matcher", "tiny"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-quick-only-matcher-tiny.json",
+                                                          "cpu-quick-only-matcher-tiny.md"]
+    assert (tmp_path / "cpu-quick-only-matcher-tiny.md").read_text().startswith(
+        "# mfcore benchmarks (cpu, quick, only matcher, tiny)")
