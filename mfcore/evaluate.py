@@ -29,6 +29,7 @@ from .inference import (PIXEL_MEAN_RGB, general_semantic_inference, pad_images, 
 from .metrics import SemSegEvaluator
 from .panoptic_quality import PQAccumulator, semantic_categories
 from .runtime import build_run_dataset, resolve_device
+from .semantic_labels import semantic_labels
 
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
 
@@ -41,6 +42,16 @@ def mask_predictions(model: nn.Module, image: Tensor, output_size: tuple[int, in
     outputs = model(batch)
     masks = postprocess_masks(outputs["pred_masks"][0], tuple(batch.shape[-2:]), size, output_size)
     return outputs["pred_logits"][0], masks
+
+
+@torch.inference_mode()
+def mask_labels(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """MaskFormer's semantic label map [H_out, W_out] for one image [3, h, w] (0..255), straight from the
+    stride-4 outputs (`semantic_labels`: the full-resolution masks and scores are never materialised)."""
+    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
+    outputs = model(batch)
+    return semantic_labels(outputs["pred_logits"], outputs["pred_masks"], tuple(batch.shape[-2:]), size,
+                           output_size)[0]
 
 
 def _gather_pq(acc: PQAccumulator) -> PQAccumulator:
@@ -98,17 +109,19 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
         logits = masks = None
         if tta:
             # long side capped at 4x the largest short side: 3584 for ADE20K's 896, as the released test
-            scores = predict_semantic_tta(model, image, cfg.tta_short_sides, True, 4 * max(cfg.tta_short_sides))
+            pred = predict_semantic_tta(model, image, cfg.tta_short_sides, True, 4 * max(cfg.tta_short_sides)).argmax(0)
+        elif mask_classification and inference == "semantic" and pq is None:
+            pred = mask_labels(model, resized, out_size)  # no full-resolution masks needed
         elif mask_classification:
             logits, masks = mask_predictions(model, resized, out_size)
-            scores = semantic_inference(logits, masks) if inference == "semantic" else None
+            if inference == "semantic":
+                pred = semantic_inference(logits, masks).argmax(0)
+            else:  # Table VII's general inference: the panoptic rule read out as a label map
+                pred = general_semantic_inference(logits, masks, GENERAL_THRESHOLD, cfg.overlap_threshold,
+                                                  dataset.ignore_label)
         else:
-            scores = predict_semantic(model, resized, out_size)
-        if scores is None:  # Table VII's general inference: the panoptic rule read out as a label map
-            pred = general_semantic_inference(logits, masks, GENERAL_THRESHOLD, cfg.overlap_threshold,
-                                              dataset.ignore_label).cpu()
-        else:
-            pred = scores.argmax(0).cpu()
+            pred = predict_semantic(model, resized, out_size).argmax(0)
+        pred = pred.cpu()
         semseg.update(pred, gt)
         pq_st.add_semantic(pred.numpy(), gt.numpy(), dataset.ignore_label)
         if pq is not None:

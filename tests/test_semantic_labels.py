@@ -6,6 +6,8 @@ import torch.nn.functional as F
 
 from mfcore.inference import postprocess_masks, semantic_inference
 from mfcore.mask_loss import interpolation_matrix
+from mfcore.evaluate import mask_labels, mask_predictions
+from mfcore.models import build_model
 from mfcore.semantic_labels import semantic_labels
 
 
@@ -74,3 +76,17 @@ def test_bad_shapes_and_sizes_are_named():
         semantic_labels(torch.zeros(1, 3, 5), torch.zeros(1, 4, 2, 2), (8, 8))
     with pytest.raises(ValueError, match="does not fit"):
         semantic_labels(torch.zeros(1, 3, 5), torch.zeros(1, 3, 2, 2), (8, 8), (9, 8))
+
+
+def test_evaluation_labels_equal_the_argmax_over_full_resolution_masks(one_thread):
+    """evaluate.mask_labels (what evaluation scores semantic datasets with) against the full-resolution path
+    (mask_predictions + semantic_inference, which panoptic datasets use): padding and a resize included."""
+    torch.manual_seed(0)
+    model = build_model("synthetic-maskformer-tiny").eval()
+    image = torch.rand(3, 45, 61) * 255  # padded to 64x64
+    labels = mask_labels(model, image, (50, 70))
+    logits, masks = mask_predictions(model, image, (50, 70))
+    scores = semantic_inference(logits.double(), masks.double())
+    top2 = scores.topk(2, dim=0).values
+    differ = labels != scores.argmax(0)
+    assert labels.shape == (50, 70) and ((top2[0] - top2[1])[differ] < 1e-5).all()
