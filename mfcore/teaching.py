@@ -13,6 +13,8 @@ Notebook 03's matching and loss demos are in mfcore.teaching_matching.
 """
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -216,19 +218,32 @@ def shape_table(model: nn.Module, images: Tensor) -> pd.DataFrame:
     stride relative to the image for 4-D maps, and the stage's parameters. Works on the meta device."""
     modules = dict(model.named_modules())
     rows: list[dict] = []
-    hooks = []
-    for name, names in STAGES.items():
-        if name in modules:
-            def record(module, inputs, output, name=name, names=names):
-                params = sum(p.numel() for p in module.parameters())
-                for i, (_, out, shape) in enumerate(_shapes(name, output, names)):
-                    stride = f"1/{images.shape[-1] // shape[-1]}" if len(shape) == 4 and shape[0] == len(images) else ""
-                    rows.append({"module": name if i == 0 else "", "output": out, "shape": shape,
-                                 "stride": stride, "params (M)": round(params / 1e6, 3) if i == 0 else ""})
-            hooks.append(modules[name].register_forward_hook(record))
+    fpn_out: list[Tensor] = []
+
+    def record(module, inputs, output, name, names) -> None:
+        params = sum(p.numel() for p in module.parameters())
+        for i, (_, out, shape) in enumerate(_shapes(name, output, names)):
+            stride = f"1/{images.shape[-1] // shape[-1]}" if len(shape) == 4 and shape[0] == len(images) else ""
+            rows.append({"module": name if i == 0 else "", "output": out, "shape": shape,
+                         "stride": stride, "params (M)": round(params / 1e6, 3) if i == 0 else ""})
+
+    hooks = [modules[name].register_forward_hook(functools.partial(record, name=name, names=names))
+             for name, names in STAGES.items() if name in modules]
+    if "pixel_decoder" in modules:
+        hooks.append(modules["pixel_decoder"].register_forward_hook(lambda m, i, out: fpn_out.append(out[0])))
     try:
         with torch.no_grad():
             model(images)
+            conv = modules.get("pixel_decoder.mask_features")
+            if conv is not None and fpn_out and "mask_features" not in [r["output"] for r in rows]:
+                # MaskFormer skips this conv whenever folding it into the mask product is cheaper
+                # (mask_product.mask_logits): run it here, so that E_pixel gets its row after the decoder's
+                end = [r["module"] for r in rows].index("pixel_decoder") + 1
+                while end < len(rows) and rows[end]["module"] == "":
+                    end += 1
+                later, rows[end:] = rows[end:], []
+                conv(fpn_out[0])
+                rows += later
     finally:
         for h in hooks:
             h.remove()
