@@ -21,6 +21,9 @@ class PositionEmbeddingSine(nn.Module):
     to (0, 2*pi].  PE(pos, 2i) = sin(pos / T^(2i/d)),  PE(pos, 2i+1) = cos(pos / T^(2i/d)).
 
     x: [B, C, H, W]  ->  pos: [B, 2*num_pos_feats, H, W] (y channels first, then x channels)
+
+    The positions depend only on (H, W): the last map is kept and reused, which spares ~20 small operators
+    per forward (on a GPU, each a kernel launch).
     """
 
     def __init__(self, num_pos_feats: int = 128, temperature: float = 10000.0, scale: float = 2 * math.pi):
@@ -28,14 +31,25 @@ class PositionEmbeddingSine(nn.Module):
         self.num_pos_feats = num_pos_feats
         self.temperature = temperature
         self.scale = scale
+        self._last: tuple[tuple, Tensor] | None = None  # ((H, W, device, constants), positions [1, C, H, W])
 
     def forward(self, x: Tensor) -> Tensor:
         b, _, h, w = x.shape
+        if torch.compiler.is_compiling():  # computed in the graph (the compiler folds it)
+            return self.positions(h, w, x.device).expand(b, -1, -1, -1).to(x.dtype)
+        key = (h, w, x.device, self.num_pos_feats, self.temperature, self.scale)
+        if self._last is None or self._last[0] != key:
+            with torch.inference_mode(False):  # an ordinary tensor: reusable by a later training forward
+                self._last = (key, self.positions(h, w, x.device))
+        return self._last[1].expand(b, -1, -1, -1).to(x.dtype)
+
+    def positions(self, h: int, w: int, device: torch.device) -> Tensor:
+        """[1, 2*num_pos_feats, h, w] float32."""
         eps = 1e-6
         # cumulative index 1..H (1..W), then normalised so the last row/column sits at `scale`
-        y = torch.arange(1, h + 1, dtype=torch.float32, device=x.device) / (h + eps) * self.scale
-        x_ = torch.arange(1, w + 1, dtype=torch.float32, device=x.device) / (w + eps) * self.scale
-        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=x.device)
+        y = torch.arange(1, h + 1, dtype=torch.float32, device=device) / (h + eps) * self.scale
+        x_ = torch.arange(1, w + 1, dtype=torch.float32, device=device) / (w + eps) * self.scale
+        i = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
         dim_t = self.temperature ** (2 * torch.div(i, 2, rounding_mode="floor") / self.num_pos_feats)
         pos_y = y[:, None] / dim_t  # [H, F]
         pos_x = x_[:, None] / dim_t  # [W, F]
@@ -43,7 +57,7 @@ class PositionEmbeddingSine(nn.Module):
         pos_y = torch.stack((pos_y[:, 0::2].sin(), pos_y[:, 1::2].cos()), dim=2).flatten(1)
         pos_x = torch.stack((pos_x[:, 0::2].sin(), pos_x[:, 1::2].cos()), dim=2).flatten(1)
         pos = torch.cat((pos_y[:, None, :].expand(h, w, -1), pos_x[None, :, :].expand(h, w, -1)), dim=2)
-        return pos.permute(2, 0, 1).unsqueeze(0).expand(b, -1, -1, -1).to(x.dtype)
+        return pos.permute(2, 0, 1).unsqueeze(0)
 
 
 class EncoderLayer(nn.Module):

@@ -137,6 +137,19 @@ def test_sine_positions_follow_the_formula():
         assert pos[0, 8 + i, y, x].item() == pytest.approx(f(x_n / t), abs=1e-5)
 
 
+def test_sine_positions_are_kept_per_size_and_batch():
+    layer = PositionEmbeddingSine(num_pos_feats=8)
+    with torch.inference_mode():
+        first = layer(torch.zeros(2, 1, 3, 5)).clone()
+    weight = torch.ones((), requires_grad=True)
+    (layer(torch.zeros(1, 1, 3, 5)) * weight).sum().backward()  # a training forward may save them for backward
+    again = layer(torch.zeros(1, 1, 3, 5, dtype=torch.float64))
+    assert again.dtype == torch.float64 and torch.equal(again[0].float(), first[1])
+    other = layer(torch.zeros(1, 1, 4, 5))  # another size: computed anew
+    assert torch.equal(other, PositionEmbeddingSine(num_pos_feats=8).positions(4, 5, torch.device("cpu")))
+    assert not layer._last[1].is_inference()
+
+
 @pytest.mark.parametrize("name", ["synthetic-maskformer-tiny", "synthetic-perpixelplus-tiny", "synthetic-perpixel-tiny",
                                   "synthetic-maskformer-boxmatch-tiny", "synthetic-maskformer-fixed-tiny"])
 def test_gradients_reach_every_trainable_parameter(name):
