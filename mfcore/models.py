@@ -68,11 +68,10 @@ class TransformerPredictor(nn.Module):
         src = self.input_proj(memory)
         pos = self.pe_layer(src).flatten(2).transpose(1, 2)               # [B, hw, d]
         query_pos = self.query_embed.weight.unsqueeze(0).expand(src.shape[0], -1, -1)
-        hs = self.transformer(src.flatten(2).transpose(1, 2), pos, query_pos)  # [L, B, N, d]
         # Deep supervision needs every layer's masks in training; at inference only the last layer's
         # are computed (the paper's FLOP count leaves the auxiliary masks out).
-        if not self.training:
-            hs = hs[-1:]
+        hs = self.transformer(src.flatten(2).transpose(1, 2), pos, query_pos,
+                              every_layer=self.training)                   # [L, B, N, d], L = 1 in eval
         # masks[b, l, q] = mask_embed[l, b, q] . E_pixel[b], laid out [B, L*N, h, w] so that each layer's
         # masks are a view and their gradients come back in this very layout (an [L, B, ...] einsum
         # output needs a permuting copy of the whole gradient).

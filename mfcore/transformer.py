@@ -127,7 +127,8 @@ class TransformerEncoder(nn.Module):
 
 class TransformerDecoder(nn.Module):
     """Stack of decoder layers; the target starts at zeros and the N learned query embeddings act as
-    positions. Returns every layer's output after the shared LayerNorm: [L, B, N, d]."""
+    positions. Returns every layer's output after the shared LayerNorm: [L, B, N, d] (every_layer=False:
+    only the last one's, [1, B, N, d])."""
 
     def __init__(self, num_layers: int, d_model: int, nhead: int, dim_feedforward: int, dropout: float,
                  self_attention: bool = True):
@@ -137,13 +138,14 @@ class TransformerDecoder(nn.Module):
         self.norm = nn.LayerNorm(d_model)
         _xavier_init(self)
 
-    def forward(self, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
+    def forward(self, memory: Tensor, pos: Tensor, query_pos: Tensor, every_layer: bool = True) -> Tensor:
         tgt = torch.zeros_like(query_pos)
         outputs = []
         for layer in self.layers:
             tgt = layer(tgt, memory, pos, query_pos)
-            outputs.append(self.norm(tgt))
-        return torch.stack(outputs)
+            if every_layer:
+                outputs.append(self.norm(tgt))
+        return torch.stack(outputs) if every_layer else self.norm(tgt)[None]
 
 
 def _xavier_init(module: nn.Module) -> None:
