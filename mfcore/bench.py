@@ -79,9 +79,9 @@ def same_assignment(fns: dict[str, Callable[[], list]]) -> bool:
 
 
 def operators(eager: dict[str, torch.nn.Module], images: torch.Tensor) -> dict[str, int]:
-    """ATen operators (views excluded) of one eager eval forward per side, post-processing left out (on CPU
-    mfcore's labels run in tiles; a GPU takes one): on a GPU, a lower bound on the kernel launches, which
-    bound a batch-1 prediction there."""
+    """ATen operators (views excluded) of one eager eval forward per side: on a GPU, a lower bound on its
+    kernel launches, which bound a batch-1 prediction there. Post-processing is left out: on CPU mfcore's
+    labels run in tiles of rows, where a GPU takes one."""
     counts = {}
     for impl, model in eager.items():
         x = images if impl == "mfcore" else normalized(images)
@@ -102,7 +102,7 @@ def _contenders(impls: list[str], device: torch.device, compile_mode: str | None
 def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
               parts: frozenset[str], compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    eager, models = _contenders(impls, device, compile_mode)  # built lazily by torch.compile: cheap if unused
+    eager, models = _contenders(impls, device, compile_mode)  # also for --only matcher/tiny: a few seconds
     cases, checks = [], {}
     if with_hf and "train" in parts:
         checks["loss_on_same_predictions"] = loss_cross_check(models["transformers"], sizes["train"][0], device)
