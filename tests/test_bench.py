@@ -100,3 +100,17 @@ def test_only_runs_the_named_parts_into_a_file_of_their_own(tmp_path):
                                                           "cpu-quick-only-matcher-tiny.md"]
     assert (tmp_path / "cpu-quick-only-matcher-tiny.md").read_text().startswith(
         "# mfcore benchmarks (cpu, quick, only matcher, tiny)")
+
+
+def test_gpu_suite_code_runs_on_cpu_at_quick_sizes(one_thread):
+    """The GPU suite's code path (every case but the fresh-process memory probe), on CPU: a GPU lease is short,
+    so its Python must not fail there first."""
+    from mfcore.bench import gpu_suite
+    from mfcore.bench_steps import SIZES
+
+    cases, checks = gpu_suite(torch.device("cpu"), SIZES["quick"], reps=1, warmup=0, with_hf=False, threads=1,
+                              parts=frozenset({"train", "inference", "matcher"}), compile_mode=None,
+                              log=lambda _: None)
+    assert [c["name"] for c in cases] == ["train_fp32", "train_bf16", "inference_fp32_b1", "inference_fp32_b4",
+                                          "inference_bf16_b4", "matcher"]
+    assert all(c["mfcore"]["value"] > 0 for c in cases) and checks["operators_per_forward"]["mfcore"] > 0
