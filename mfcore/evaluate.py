@@ -34,24 +34,27 @@ from .semantic_labels import semantic_labels
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
 
 
+def _padded_outputs(model: nn.Module, image: Tensor) -> tuple[dict, tuple[int, int], tuple[int, int]]:
+    """The model's outputs for one image [3, h, w] (0..255) padded to its size divisibility, the padded
+    size and the image's size."""
+    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
+    return model(batch), tuple(batch.shape[-2:]), size
+
+
 @torch.inference_mode()
 def mask_predictions(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """MaskFormer's pairs for one image [3, h, w] (0..255): pred_logits [N, K+1] and mask logits
     [N, H_out, W_out] resized to `output_size` (upsampled to the padded input, padding cropped)."""
-    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
-    outputs = model(batch)
-    masks = postprocess_masks(outputs["pred_masks"][0], tuple(batch.shape[-2:]), size, output_size)
-    return outputs["pred_logits"][0], masks
+    outputs, padded, size = _padded_outputs(model, image)
+    return outputs["pred_logits"][0], postprocess_masks(outputs["pred_masks"][0], padded, size, output_size)
 
 
 @torch.inference_mode()
 def mask_labels(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> Tensor:
     """MaskFormer's semantic label map [H_out, W_out] for one image [3, h, w] (0..255), straight from the
     stride-4 outputs (`semantic_labels`: the full-resolution masks and scores are never materialised)."""
-    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
-    outputs = model(batch)
-    return semantic_labels(outputs["pred_logits"], outputs["pred_masks"], tuple(batch.shape[-2:]), size,
-                           output_size)[0]
+    outputs, padded, size = _padded_outputs(model, image)
+    return semantic_labels(outputs["pred_logits"], outputs["pred_masks"], padded, size, output_size)[0]
 
 
 def _gather_pq(acc: PQAccumulator) -> PQAccumulator:

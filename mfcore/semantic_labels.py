@@ -110,7 +110,7 @@ def semantic_labels(
     # tie (or a NaN: count 0) are redone with torch.max, which takes the first class.
     classes = class_probs.shape[1]
     pick = torch.stack([torch.arange(classes, dtype=torch.float32), torch.ones(classes)])  # [2, K], exact < 2^24
-    hits = torch.empty(classes, tile * out_w)
+    hits = torch.empty(classes, min(tile, out_h) * out_w)
     found = torch.empty(2, batch * out_h * out_w)                                   # (sum of c, count)
     for b, start, stop in tiles:
         scores = tile_scores(b, start, stop)
