@@ -20,17 +20,19 @@ def interpolation_matrix(in_size: int, out_size: int, device: torch.device) -> T
     """[out_size, in_size] weights of 1-D linear interpolation with align_corners=False (F.interpolate's).
 
     Output pixel j reads source position (j + 0.5) * in/out - 0.5, clamped at 0, between its two neighbours.
-    Cached (read-only): a training step asks for the same few matrices 12 times.
+    Cached (read-only): a training step asks for the same few matrices 12 times. Built outside inference
+    mode, so that a matrix first asked for by a prediction can still be saved for a later training backward.
     """
-    src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
-    low = src.floor().long().clamp(max=in_size - 1)
-    high = (low + 1).clamp(max=in_size - 1)
-    frac = src - low
-    weights = torch.zeros(out_size, in_size, dtype=torch.float64)
-    rows = torch.arange(out_size)
-    weights.index_put_((rows, low), 1 - frac, accumulate=True)
-    weights.index_put_((rows, high), frac, accumulate=True)
-    return weights.to(device, torch.float32)
+    with torch.inference_mode(False):
+        src = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+        low = src.floor().long().clamp(max=in_size - 1)
+        high = (low + 1).clamp(max=in_size - 1)
+        frac = src - low
+        weights = torch.zeros(out_size, in_size, dtype=torch.float64)
+        rows = torch.arange(out_size)
+        weights.index_put_((rows, low), 1 - frac, accumulate=True)
+        weights.index_put_((rows, high), frac, accumulate=True)
+        return weights.to(device, torch.float32)
 
 
 def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:

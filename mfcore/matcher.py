@@ -84,9 +84,11 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
 
 @functools.lru_cache(maxsize=32)
 def _nearest_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
-    # F.interpolate(mode="nearest"): source index floor(j * in/out), the scale taken in float32
-    scale = torch.tensor(in_size / out_size, dtype=torch.float32)
-    return (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1).to(device)
+    # F.interpolate(mode="nearest"): source index floor(j * in/out), the scale taken in float32;
+    # cached, so built outside inference mode (an inference tensor would be refused by a later training step)
+    with torch.inference_mode(False):
+        scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+        return (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1).to(device)
 
 
 def downsample_nearest(masks: Tensor, size: tuple[int, int]) -> Tensor:
