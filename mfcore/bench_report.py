@@ -83,6 +83,8 @@ def table_rows(cases: list[dict]) -> list[list[str]]:
                                                                   ("ratio_peak", "peaks")) if key in c]
             ratio = f"{c['ratio']:.2f}" + (f" ({', '.join(others)})" if others else "")
         target = f"<= {c['target']:.2f}" if "target" in c else "-"
+        if "target_img_s" in c:
+            target = f">= {c['target_img_s']:.1f} img/s"
         met = ("yes" if c["met"] else "**no**") if "met" in c else "-"
         if c.get("noisy"):
             met += " (noisy)"
