@@ -13,8 +13,8 @@ resized to the output size (REFERENCE.md), all with align_corners=False. Bilinea
 the width is resized once for the whole map by F.interpolate (the height left as it is), and the height
 tile by tile as a product with the rows of a resize matrix (`mask_loss.interpolation_matrix`), which
 touches only the few low-resolution rows a tile needs. The values equal the unfused path's up to float
-rounding. With one tile per image (a GPU's default) the full-resolution map is computed whole instead,
-through `inference.postprocess_masks`: a GPU streams it fast, and the row product would only add work.
+rounding. With one tile per image (a GPU's default) each image's map is computed whole instead, through
+`inference.postprocess_masks`: on a GPU the row product only adds work.
 """
 from __future__ import annotations
 
@@ -131,9 +131,10 @@ def semantic_labels(
 
 def _whole_map_labels(pred_logits: Tensor, pred_masks: Tensor, padded_size: tuple[int, int],
                       image_size: tuple[int, int], output_size: tuple[int, int]) -> Tensor:
-    """The label map one image at a time at full resolution: what a GPU computes fastest. There the
-    resize as F.interpolate streams the masks once, where a tile's row product would multiply by a
-    matrix with 2 non-zeros per row (at 512x512, 3.4 G multiply-adds per image for nothing)."""
+    """The label map one image at a time at full resolution (a GPU's default): the resize by F.interpolate,
+    not a product with the resize matrix's rows, which have 2 non-zeros each (at 512x512, 3.4 G multiply-
+    adds per image spent on zeros). On an H100 as fast as the one-tile row product was (the class product
+    and the passes over the upsampled masks are the cost), with fewer operators."""
     batch, queries = pred_masks.shape[:2]
     class_probs = pred_logits.float().softmax(-1)[..., :-1].to(pred_masks.dtype)               # [B, N, K]
     labels = torch.empty(batch, output_size[0] * output_size[1], dtype=torch.long, device=pred_masks.device)
