@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import os
 import platform
@@ -34,13 +35,24 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def source_digest(root: Path = Path(__file__).parent) -> str:
+    """sha256 of the package's Python sources (relative paths and contents, in path order): names the code
+    that ran even where the checkout's .git is missing or stale, e.g. a copy sent to a GPU machine.
+    Compare with `python -c "from mfcore.bench_report import source_digest; print(source_digest())"`."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
 def _git() -> dict:
-    """Commit of the checkout the package runs from (mfcore.checkpoint.git_commit), and whether tracked
-    files differ from it."""
+    """Commit of the checkout the package runs from (mfcore.checkpoint.git_commit), whether tracked
+    files differ from it, and the digest of the sources that ran."""
     commit = git_commit()
     if commit == "unknown":
-        return {"commit": None, "dirty": None}
-    return {"commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty")}
+        return {"commit": None, "dirty": None, "source_sha256": source_digest()}
+    return {"commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty"),
+            "source_sha256": source_digest()}
 
 
 def environment(device: torch.device, threads: int, command: list[str] | None = None) -> dict:
@@ -110,9 +122,12 @@ def markdown(result: dict) -> str:
     env, m = result["environment"], result["environment"]["machine"]
     git = env["git"]
     commit = (git["commit"] or "unknown")[:12] + (" (with uncommitted changes)" if git["dirty"] else "")
+    if git.get("source_sha256"):  # absent from files written before it was recorded
+        commit += f"; mfcore sources sha256 {git['source_sha256'][:12]}"
     hardware = m["gpu"]["name"] if "gpu" in m else f"{m['cpu']}, {m['usable_cpus']} usable CPUs"
     load = " -> ".join(f"{x[0]:.1f}" for x in (m.get("load_average_start"), m.get("load_average_end")) if x)
-    flags = (", quick" if result["quick"] else "") + (f", mfcore torch.compile'd ({result['compiled']})" if result.get("compiled") else "")
+    flags = ", quick" if result["quick"] else ""
+    flags += f", mfcore torch.compile'd ({result['compiled']})" if result.get("compiled") else ""
     flags += f", only {', '.join(result['only'])}" if result.get("only") else ""
     lines = [f"# mfcore benchmarks ({env['device']}{flags})", "",
              f"- date: {env['date']}; git commit {commit}",

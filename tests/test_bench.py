@@ -18,6 +18,8 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     env = data["environment"]
     assert env["threads"] == 1 and env["device"] == "cpu"
     assert set(env["versions"]) >= {"python", "torch", "timm"} and "commit" in env["git"] and env["date"]
+    from mfcore.bench_report import source_digest
+    assert env["git"]["source_sha256"] == source_digest()
     assert env["machine"]["cpu"] and env["machine"]["load_average_end"] is not None
     names = [c["name"] for c in data["cases"]]
     assert names == ["train_step", "inference", "matcher", "train_memory", "tiny_train"]
@@ -31,6 +33,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     markdown = (tmp_path / "cpu-quick.md").read_text()
     for name in names:
         assert f"| {name} |" in markdown
+    assert f"mfcore sources sha256 {source_digest()[:12]}" in markdown
     assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary files behind
 
 
@@ -133,3 +136,20 @@ def test_gpu_suite_code_runs_on_cpu_at_quick_sizes(one_thread):
     b1 = cases[2]  # the paper's setting, held to 3x its V100 fps; the other rows have no absolute target
     assert b1["target_img_s"] == 3 * 24.5 and b1["met"] == (b1["mfcore"]["value"] >= 73.5)
     assert [c["name"] for c in cases if "target_img_s" in c] == ["inference_fp32_b1"]
+
+
+def test_source_digest_follows_the_python_sources(tmp_path):
+    """The digest names the code that ran: any change to a .py file (content or name) changes it, other
+    files do not."""
+    from mfcore.bench_report import source_digest
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    first = source_digest(tmp_path)
+    (tmp_path / "notes.md").write_text("ignored")
+    assert source_digest(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    changed = source_digest(tmp_path)
+    assert changed != first
+    (tmp_path / "sub" / "b.py").rename(tmp_path / "sub" / "c.py")
+    assert source_digest(tmp_path) not in (first, changed)
