@@ -49,10 +49,9 @@ def _git() -> dict:
     """Commit of the checkout the package runs from (mfcore.checkpoint.git_commit), whether tracked
     files differ from it, and the digest of the sources that ran."""
     commit = git_commit()
-    if commit == "unknown":
-        return {"commit": None, "dirty": None, "source_sha256": source_digest()}
-    return {"commit": commit.removesuffix("-dirty"), "dirty": commit.endswith("-dirty"),
-            "source_sha256": source_digest()}
+    known = commit != "unknown"
+    return {"commit": commit.removesuffix("-dirty") if known else None,
+            "dirty": commit.endswith("-dirty") if known else None, "source_sha256": source_digest()}
 
 
 def environment(device: torch.device, threads: int, command: list[str] | None = None) -> dict:
