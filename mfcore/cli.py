@@ -5,12 +5,12 @@ import argparse
 import json
 import sys
 
-from .data.synthetic_writer import add_cli_arguments as add_synthetic_arguments
-from .data.synthetic_writer import main as make_synthetic_main
+from mfcore.data.synthetic_writer import add_cli_arguments as add_synthetic_arguments
+from mfcore.data.synthetic_writer import main as make_synthetic_main
 
 
 def _analyze(args: argparse.Namespace) -> None:
-    from .analysis import analyze
+    from mfcore.companion.analysis import analyze
 
     result = analyze(args.preset, size=args.size, flops=not args.no_flops)
     if args.json:
@@ -42,8 +42,8 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from .distributed import cleanup, is_main_process
-    from .train import train
+    from mfcore.training.distributed import cleanup, is_main_process
+    from mfcore.training.train import train
 
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     model_overrides = _parse_sets(args.set)
@@ -63,7 +63,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from .evaluate import evaluate
+    from mfcore.training.evaluate import evaluate
 
     result = evaluate(args.checkpoint, args.data_root, tta=args.tta, split=args.split, output=args.output,
                       device=args.device, max_images=args.max_images, inference=args.inference)
@@ -76,7 +76,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _convert(args: argparse.Namespace) -> None:
-    from .convert import convert_checkpoint
+    from mfcore.training.convert import convert_checkpoint
 
     summary = convert_checkpoint(args.pkl, args.out, args.preset, allow_pickle=args.allow_pickle)
     print(f"converted {summary['converted']} tensors into {summary['output']}; skipped {summary['skipped']}; "
@@ -84,7 +84,12 @@ def _convert(args: argparse.Namespace) -> None:
 
 
 def _bench(args: argparse.Namespace) -> None:
-    from .bench import main as bench
+    try:
+        from benchmarks.bench import main as bench
+    except ModuleNotFoundError as err:
+        if err.name != "benchmarks":
+            raise
+        raise RuntimeError("the benchmarks live in the source checkout: run `python -m mfcore bench` from its root") from None
 
     bench(device=args.device, threads=args.threads, reps=args.reps, warmup=args.warmup, quick=args.quick,
           out_dir=args.out, compare=not args.no_transformers, memory=not args.no_memory, compile_mode=args.compile,
@@ -180,15 +185,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _reproduce(args: argparse.Namespace) -> None:
-    from .reproduce import reproduce
+    from mfcore.companion.reproduce import reproduce
 
     reproduce(args.profile, args.results_dir, args.data_root or None, args.device, args.nproc_per_node, args.only,
               workers=args.workers)
 
 
 def _tables(args: argparse.Namespace) -> None:
-    from .experiments import make_context, train_runs
-    from .tables import TABLES, planned_runs, write_table
+    from mfcore.companion.experiments import make_context, train_runs
+    from mfcore.companion.tables import TABLES, planned_runs, write_table
 
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters}
     ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "log",
@@ -200,8 +205,8 @@ def _tables(args: argparse.Namespace) -> None:
         for path in write_table(table, ctx.results_dir):
             print(f"wrote {path}")
         if name == "table2":  # the trend figure notebook 06 draws
-            from .figures import plot_table2_trend
-            from .viz import save_figure
+            from mfcore.companion.figures import plot_table2_trend
+            from mfcore.companion.viz import save_figure
 
             figure = save_figure(plot_table2_trend(table.frame), ctx.results_dir / "figures" / "06_table2_trend.png")
             print(f"wrote {figure}")

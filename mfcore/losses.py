@@ -14,10 +14,22 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from mfcore.boxes import cxcywh_to_xyxy, target_boxes
-from mfcore.distributed import all_reduce_mean
-from mfcore.mask_loss import (DenseMaskTargets, FocalDiceLoss, focal_dice, interpolation_matrix, target_terms,
-                              upsample_bilinear)
-from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher, Indices, check_targets
+from mfcore.fast.mask_loss import (
+    DenseMaskTargets,
+    FocalDiceLoss,
+    focal_dice,
+    interpolation_matrix,
+    target_terms,
+    upsample_bilinear,
+)
+from mfcore.matcher import (
+    BoxMatcher,
+    FixedMatcher,
+    HungarianMatcher,
+    Indices,
+    check_targets,
+)
+from mfcore.training.distributed import all_reduce_mean
 
 LOSS_TERMS = {"labels": {"loss_ce": 1.0}, "masks": {"loss_mask": 20.0, "loss_dice": 1.0},
               "boxes": {"loss_bbox": 5.0, "loss_giou": 2.0}}

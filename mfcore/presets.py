@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from .config import LossConfig, ModelConfig, TrainConfig
+from mfcore.config import LossConfig, ModelConfig, TrainConfig
 
 
 @dataclass

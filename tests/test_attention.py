@@ -1,9 +1,9 @@
-"""mfcore.attention: the same attention as nn.MultiheadAttention, and a dropout with PyTorch's statistics."""
+"""mfcore.fast.attention: the same attention as nn.MultiheadAttention, and a dropout with PyTorch's statistics."""
 import pytest
 import torch
 from torch import nn
 
-from mfcore.attention import Dropout, MultiheadAttention, dropout
+from mfcore.fast.attention import Dropout, MultiheadAttention, dropout
 
 
 def test_attention_matches_torch_parameters_and_outputs():

@@ -12,7 +12,14 @@ from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
-from mfcore.backbones import BACKBONES, STRIDES, SwinBackbone, _PadThenShiftBlock, build_backbone, load_pretrained
+from mfcore.modeling.backbones import (
+    BACKBONES,
+    STRIDES,
+    SwinBackbone,
+    _PadThenShiftBlock,
+    build_backbone,
+    load_pretrained,
+)
 
 # a small Swin (same code as swin-t/s/b/l, other widths) for the tests that need real arithmetic
 SMALL_SWIN = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=7)

@@ -1,15 +1,21 @@
 """The benchmark runs end to end (quick sizes, mfcore alone) and writes complete JSON and Markdown."""
-import pytest
 import json
 
+import pytest
 import torch
 
-from mfcore.bench import gpu_peak_tflops
-from mfcore.bench_steps import alternate, case, count_operators, make_batch, memory_case
+from benchmarks.bench import gpu_peak_tflops
+from benchmarks.bench_steps import (
+    alternate,
+    case,
+    count_operators,
+    make_batch,
+    memory_case,
+)
 
 
 def test_quick_bench_writes_json_and_markdown(tmp_path):
-    from mfcore.bench import main
+    from benchmarks.bench import main
 
     result = main(device="cpu", threads=1, quick=True, warmup=0, out_dir=str(tmp_path), compare=False,
                   log=lambda _: None)
@@ -18,7 +24,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     env = data["environment"]
     assert env["threads"] == 1 and env["device"] == "cpu"
     assert set(env["versions"]) >= {"python", "torch", "timm"} and "commit" in env["git"] and env["date"]
-    from mfcore.bench_report import source_digest
+    from benchmarks.bench_report import source_digest
     assert env["git"]["source_sha256"] == source_digest()
     assert env["machine"]["cpu"] and env["machine"]["load_average_end"] is not None
     names = [c["name"] for c in data["cases"]]
@@ -69,8 +75,8 @@ def test_ratios_targets_and_units():
 def test_gpu_rows_have_the_gpu_targets():
     """On a GPU the issue asks for training and memory ahead of transformers (<= 1.0) and sets no matcher
     ratio; the batch-1 fps target is absolute and shown as such."""
-    from mfcore.bench_report import table_rows
-    from mfcore.bench_steps import GPU_TARGETS
+    from benchmarks.bench_report import table_rows
+    from benchmarks.bench_steps import GPU_TARGETS
     timings = {"mfcore": {"median_s": 3.0, "median_cpu_s": 1.0}, "transformers": {"median_s": 4.0, "median_cpu_s": 1.0}}
     train, matcher = (case(name, "x", timings, targets=GPU_TARGETS) for name in ("train_fp32", "matcher"))
     assert train["target"] == 1.0 and train["met"] and "target" not in matcher and "met" not in matcher
@@ -100,7 +106,7 @@ def test_gpu_peaks():
 
 
 def test_unknown_compile_mode_is_refused_before_any_work(tmp_path):
-    from mfcore.bench import main
+    from benchmarks.bench import main
 
     with pytest.raises(ValueError, match="reduce_overhead"):
         main(quick=True, out_dir=str(tmp_path), compile_mode="reduce_overhead")
@@ -108,7 +114,7 @@ def test_unknown_compile_mode_is_refused_before_any_work(tmp_path):
 
 
 def test_only_runs_the_named_parts_into_a_file_of_their_own(tmp_path):
-    from mfcore.bench import main
+    from benchmarks.bench import main
 
     with pytest.raises(ValueError, match="trian"):
         main(quick=True, out_dir=str(tmp_path), only=["trian"])
@@ -124,8 +130,8 @@ def test_only_runs_the_named_parts_into_a_file_of_their_own(tmp_path):
 def test_gpu_suite_code_runs_on_cpu_at_quick_sizes(one_thread):
     """The GPU suite's code path (every case but the fresh-process memory probe), on CPU: a GPU lease is short,
     so its Python must not fail there first."""
-    from mfcore.bench import gpu_suite
-    from mfcore.bench_steps import SIZES
+    from benchmarks.bench import gpu_suite
+    from benchmarks.bench_steps import SIZES
 
     cases, checks = gpu_suite(torch.device("cpu"), SIZES["quick"], reps=1, warmup=0, with_hf=False, threads=1,
                               parts=frozenset({"train", "inference", "matcher"}), compile_mode=None,
@@ -141,7 +147,7 @@ def test_gpu_suite_code_runs_on_cpu_at_quick_sizes(one_thread):
 def test_source_digest_follows_the_python_sources(tmp_path):
     """The digest names the code that ran: any change to a .py file (content or name) changes it, other
     files do not."""
-    from mfcore.bench_report import source_digest
+    from benchmarks.bench_report import source_digest
     (tmp_path / "sub").mkdir()
     (tmp_path / "a.py").write_text("x = 1\n")
     (tmp_path / "sub" / "b.py").write_text("y = 2\n")

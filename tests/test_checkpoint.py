@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from mfcore import checkpoint as ck
+from mfcore.files import json_safe
 from mfcore.config import ModelConfig
-from mfcore.models import build_model
+from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
-
-
+from mfcore.training import checkpoint as ck
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -102,11 +101,11 @@ def test_config_differences_and_json():
     b["model"]["num_queries"] = 7
     assert ck.config_differences(a, b) == ["model.num_queries: 20 != 7", f"train.lr: {p.train.lr!r} != 5.0"]
     assert ck.config_differences(a, b, ignore=("lr", "num_queries")) == []
-    assert ck.json_safe({"a": float("nan"), "b": (1.5, float("inf"))}) == {"a": None, "b": [1.5, None]}
+    assert json_safe({"a": float("nan"), "b": (1.5, float("inf"))}) == {"a": None, "b": [1.5, None]}
 
 
 def test_git_commit_can_be_named_for_a_tree_without_git(monkeypatch):
-    from mfcore.checkpoint import git_commit
+    from mfcore.files import git_commit
 
     monkeypatch.setenv("MFCORE_GIT_COMMIT", "0123abc")
     assert git_commit() == "0123abc"

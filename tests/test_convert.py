@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from mfcore.checkpoint import load_checkpoint, state_dict_mismatch
 from mfcore.cli import main
-from mfcore.convert import convert_checkpoint, read_released, rename_released
-from mfcore.models import build_model
+from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
+from mfcore.training.checkpoint import load_checkpoint, state_dict_mismatch
+from mfcore.training.convert import convert_checkpoint, read_released, rename_released
 
 BN = ("weight", "bias", "running_mean", "running_var")
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from mfcore.explorer import QueryExplorer
+from mfcore.companion.explorer import QueryExplorer
+from mfcore.companion.predictions import save_predictions
 from mfcore.inference import panoptic_inference
-from mfcore.predictions import save_predictions
 
 K, BIG = 3, 10.0  # classes a, b, c (a is a thing); mask logits +-BIG are ~certain inside / outside
 
@@ -163,9 +163,9 @@ def test_from_file(tmp_path):
 
 
 def test_from_checkpoint(tmp_path):
-    from mfcore import checkpoint as ck
-    from mfcore.models import build_model
+    from mfcore.modeling.models import build_model
     from mfcore.presets import get_preset
+    from mfcore.training import checkpoint as ck
 
     preset = get_preset("synthetic-maskformer-tiny")
     torch.manual_seed(0)
@@ -200,9 +200,9 @@ def test_clicks_on_a_live_figure_select_the_pixel(monkeypatch):
     import matplotlib.pyplot as plt
     from matplotlib.backend_bases import MouseEvent
 
-    import mfcore.explorer
+    import mfcore.companion.explorer
 
-    monkeypatch.setattr(mfcore.explorer, "_clickable_backend", lambda: True)  # as under %matplotlib widget
+    monkeypatch.setattr(mfcore.companion.explorer, "_clickable_backend", lambda: True)  # as under %matplotlib widget
     ex = QueryExplorer([scene()], ["a", "b", "c"], interactive=True, object_threshold=0.5)
     try:
         ex._refresh()

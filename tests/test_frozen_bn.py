@@ -7,8 +7,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d
 
-from mfcore.backbones import _resnet
-from mfcore.frozen_bn import FoldedFrozenBN, FrozenBNConv
+from mfcore.fast.frozen_bn import FoldedFrozenBN, FrozenBNConv
+from mfcore.modeling.backbones import _resnet
 
 
 def unfolded(backbone: nn.Module) -> nn.Module:

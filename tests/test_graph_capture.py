@@ -4,8 +4,8 @@ Both are checked on CPU: the tracing runs no kernels, the device check runs on m
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mfcore.models import build_model
-from mfcore.bench_steps import R50
+from benchmarks.bench_steps import R50
+from mfcore.modeling.models import build_model
 
 
 class HostTensors(TorchDispatchMode):

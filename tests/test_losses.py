@@ -4,8 +4,14 @@ import math
 import pytest
 import torch
 
-from mfcore.losses import (PerPixelCriterion, SetCriterion, average_num_masks, build_criterion,
-                           sample_uncertain_points, total_loss)
+from mfcore.losses import (
+    PerPixelCriterion,
+    SetCriterion,
+    average_num_masks,
+    build_criterion,
+    sample_uncertain_points,
+    total_loss,
+)
 from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher
 
 # 1-D bilinear upsampling 2 -> 4 with align_corners=False: output pixel j reads input position
@@ -251,9 +257,9 @@ def test_per_pixel_aux_and_all_ignored():
 def test_training_after_a_prediction_at_the_same_sizes(one_thread):
     """The loss's cached resize matrices may first be built by a prediction under inference_mode; a
     training step that reuses them must still backpropagate (an inference tensor cannot be saved)."""
-    from mfcore.mask_loss import interpolation_matrix
+    from mfcore.fast.mask_loss import interpolation_matrix
+    from mfcore.fast.semantic_labels import semantic_labels
     from mfcore.matcher import _nearest_index
-    from mfcore.semantic_labels import semantic_labels
     interpolation_matrix.cache_clear()
     _nearest_index.cache_clear()
     torch.manual_seed(0)

@@ -3,9 +3,9 @@ gives embed . conv(y) and its gradients."""
 import pytest
 import torch
 
-from mfcore import mask_product
-from mfcore.mask_product import mask_logits
-from mfcore.models import build_model
+from mfcore.fast import mask_product
+from mfcore.fast.mask_product import mask_logits
+from mfcore.modeling.models import build_model
 
 
 def _case(rows, bias, seed=0):

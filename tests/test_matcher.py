@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from mfcore.boxes import masks_to_cxcywh, pairwise_giou, target_boxes
-from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher, downsample_nearest, mask_costs
+from mfcore.matcher import (
+    BoxMatcher,
+    FixedMatcher,
+    HungarianMatcher,
+    downsample_nearest,
+    mask_costs,
+)
 
 
 def make_case(sizes, num_queries=4, num_classes=3, size=8, stride=4, seed=0):

@@ -4,12 +4,12 @@ import math
 import pytest
 import torch
 
-from mfcore.analysis import analyze, count_parameters, semantic_forward
+from mfcore.companion.analysis import analyze, count_parameters, semantic_forward
 from mfcore.config import LossConfig
 from mfcore.losses import build_criterion, total_loss
-from mfcore.models import build_model
+from mfcore.modeling.models import build_model
+from mfcore.modeling.transformer import PositionEmbeddingSine
 from mfcore.presets import BACKBONES, DATASETS, MODELS, PRESETS, get_preset
-from mfcore.transformer import PositionEmbeddingSine
 
 
 def meta_model(name, **overrides):

@@ -5,7 +5,7 @@ import json
 import nbformat
 import pytest
 
-from mfcore.reproduce import notebooks, reproduce
+from mfcore.companion.reproduce import notebooks, reproduce
 
 REQUIRED_PARAMETERS = {"profile", "data_root", "device", "results_dir", "progress", "interactive"}
 ALL = notebooks()

@@ -18,9 +18,9 @@ from mfcore.data.datasets import build_dataset
 from mfcore.data.transforms import collate
 from mfcore.inference import semantic_inference
 from mfcore.losses import build_criterion, total_loss
-from mfcore.models import build_model
+from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
-from mfcore.solver import build_optimizer, build_scheduler, clip_gradients
+from mfcore.training.solver import build_optimizer, build_scheduler, clip_gradients
 
 STEPS = 80      # measured: pixel accuracy ~0.97 after 50 steps, ~0.98 after 75 (7 s on one thread)
 NUM_IMAGES = 4

@@ -4,11 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mfcore.fast.mask_loss import interpolation_matrix
+from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.inference import postprocess_masks, semantic_inference
-from mfcore.mask_loss import interpolation_matrix
-from mfcore.evaluate import mask_labels, mask_predictions
-from mfcore.models import build_model
-from mfcore.semantic_labels import semantic_labels
+from mfcore.modeling.models import build_model
+from mfcore.training.evaluate import mask_labels, mask_predictions
 
 
 @pytest.mark.parametrize("out_size,in_size", [(64, 16), (37, 16), (16, 37), (20, 20), (1, 5)])

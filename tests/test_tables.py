@@ -4,8 +4,8 @@ import json
 import pytest
 
 from mfcore.cli import main
-from mfcore.experiments import make_context
-from mfcore.tables import RUNS, planned_runs
+from mfcore.companion.experiments import make_context
+from mfcore.companion.tables import RUNS, planned_runs
 
 
 @pytest.fixture
@@ -53,7 +53,7 @@ def test_tables_command_trains_side_by_side_then_reuses(smoke, capsys):
 def test_reproduce_with_workers_trains_every_planned_run_first(tmp_path, monkeypatch):
     import nbformat
 
-    from mfcore.reproduce import reproduce
+    from mfcore.companion.reproduce import reproduce
 
     monkeypatch.setenv("MFCORE_CACHE", str(tmp_path / "cache"))
     nb = nbformat.v4.new_notebook()

@@ -1,4 +1,4 @@
-"""mfcore.teaching: the notebooks' toy demos checked against hand-computed and brute-force values."""
+"""mfcore.companion.teaching: the notebooks' toy demos checked against hand-computed and brute-force values."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from mfcore import teaching, teaching_matching
-from mfcore.analysis import count_parameters
+from mfcore.companion import teaching, teaching_matching
+from mfcore.companion.analysis import count_parameters
 from mfcore.inference import semantic_inference
 from mfcore.losses import build_criterion, total_loss
 from mfcore.matcher import FixedMatcher, HungarianMatcher
-from mfcore.models import build_model
+from mfcore.modeling.models import build_model
 
 
 # ----------------------------------------------------------------------------- 01

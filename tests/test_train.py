@@ -12,14 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import mfcore.train as train_module
-from mfcore.checkpoint import load_checkpoint
-from mfcore.evaluate import evaluate
-from mfcore.models import build_model
+import mfcore.training.train as train_module
+from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
-from mfcore.runtime import ResumableBatchSampler
-from mfcore.solver import build_optimizer, clip_gradients, lr_factor, param_groups
-from mfcore.train import train
+from mfcore.training.checkpoint import load_checkpoint
+from mfcore.training.evaluate import evaluate
+from mfcore.training.runtime import ResumableBatchSampler
+from mfcore.training.solver import (
+    build_optimizer,
+    clip_gradients,
+    lr_factor,
+    param_groups,
+)
+from mfcore.training.train import train
 
 REPO = Path(__file__).resolve().parent.parent
 # 32x32 images used whole (no rescaling), full batches of the 4 training images, 2 decoder layers

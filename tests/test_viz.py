@@ -1,4 +1,4 @@
-"""mfcore.viz, mfcore.query_stats and mfcore.predictions: query statistics on hand-built predictions,
+"""mfcore.companion.viz, mfcore.query_stats and mfcore.predictions: query statistics on hand-built predictions,
 colours, figures, atomic writes, and the pickle-free predictions file."""
 from __future__ import annotations
 
@@ -10,8 +10,13 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from mfcore import query_stats, viz
-from mfcore.predictions import collect_predictions, load_predictions, save_predictions
+from mfcore.companion import predictions, query_stats, viz
+from mfcore.companion.predictions import (
+    collect_predictions,
+    load_predictions,
+    save_predictions,
+)
+from mfcore.training.train import read_metrics
 
 K = 3  # real classes in the hand-built cases; column K of the logits is "no object"
 
@@ -148,7 +153,7 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
     fig = viz.plot_masks_grid(np.ones((2, 4, 4)))
 
     def crash(target, **kwargs):  # a process killed half-way through writing
-        open(target, "wb").write(b"partial")
+        target.write(b"partial")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(fig, "savefig", crash)
@@ -184,7 +189,7 @@ def test_live_loss_plot_updates_one_display_in_a_notebook(monkeypatch):
 def test_read_metrics_skips_a_partial_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"iter": 1, "loss": 2.0}\n{"iter": 2, "loss": 1.5}\n{"iter": 3, "lo')
-    assert viz.read_metrics(path) == [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5}]
+    assert read_metrics(path) == [{"iter": 1, "loss": 2.0}, {"iter": 2, "loss": 1.5}]
 
 
 def test_predictions_round_trip_through_npz_without_pickle(tmp_path):
@@ -201,9 +206,9 @@ def test_predictions_round_trip_through_npz_without_pickle(tmp_path):
     assert meta == {"class_names": ["a", "b", "c"], "thing_ids": [1]}
     assert [p["image_id"] for p in loaded] == ["a", "b"] and loaded[1]["gt"] is None
     for before, after in zip(preds, loaded):
-        np.testing.assert_array_equal(after["image"], viz.to_rgb(before["image"]))
-        np.testing.assert_array_equal(after["pred_logits"], viz.to_numpy(before["pred_logits"]))
-        np.testing.assert_array_equal(after["pred_masks"], viz.to_numpy(before["pred_masks"]))
+        np.testing.assert_array_equal(after["image"], predictions.to_rgb(before["image"]))
+        np.testing.assert_array_equal(after["pred_logits"], predictions.to_numpy(before["pred_logits"]))
+        np.testing.assert_array_equal(after["pred_masks"], predictions.to_numpy(before["pred_masks"]))
     np.testing.assert_array_equal(loaded[0]["gt"], preds[0]["gt"])
     np.savez(tmp_path / "other.npz", x=np.zeros(2))
     with pytest.raises(ValueError, match="not an mfcore predictions file"):
@@ -227,13 +232,13 @@ class TinyDataset:
 
 @pytest.fixture(scope="module")
 def tiny_model() -> torch.nn.Module:
-    from mfcore.models import build_model
+    from mfcore.modeling.models import build_model
     torch.manual_seed(0)
     return build_model("synthetic-maskformer-tiny")
 
 
 def test_collect_predictions_matches_the_model_and_restores_its_mode(tiny_model):
-    from mfcore.evaluate import mask_predictions
+    from mfcore.training.evaluate import mask_predictions
 
     tiny_model.train()
     preds = collect_predictions(tiny_model, TinyDataset(), num_images=5, device="cpu")

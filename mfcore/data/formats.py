@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from mfcore import files
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 # PIL modes that hold one integer per pixel ("P" is a palette PNG, e.g. Mapillary labels:
 # the palette index *is* the label, so we never convert it to RGB).
@@ -116,8 +118,5 @@ def read_json(path: str | Path) -> Any:
 
 
 def write_json(path: str | Path, obj: Any) -> None:
-    """Write JSON with sorted keys so that regenerated files are byte-identical."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, sort_keys=True, separators=(",", ":"))
+    """Write JSON with sorted keys, atomically, so that regenerated files are byte-identical."""
+    files.write_json(path, obj, compact=True)

@@ -1,0 +1,1 @@
+"""Speed and memory benchmarks of mfcore against Hugging Face transformers' MaskFormer (outside the package)."""

@@ -1,0 +1,237 @@
+"""Experiment runs for the notebooks and tables: one cached training + evaluation per `RunSpec`.
+
+A run lives in `<results_dir>/runs/<profile>/<name>/` and is finished when `final.json` (written
+atomically, last) holds its spec. Finished runs are reused, never repeated; a run interrupted after a
+checkpoint resumes from `last.pt`. Synthetic profiles generate their datasets and the pretrained
+backbone on first use (cached under `<cache_dir>`); the paper profile reads the real datasets under
+`data_root/<dataset>` and launches multi-GPU runs through `torchrun`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from mfcore.companion.profiles import Profile
+from mfcore.files import REPO, write_json
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    name: str                       # folder name, unique within a profile
+    preset: str                     # mfcore.presets name
+    data_root: str | None           # dataset root handed to the readers
+    train: dict = field(default_factory=dict)   # TrainConfig overrides
+    model: dict = field(default_factory=dict)   # ModelConfig overrides
+
+    def as_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+@dataclass
+class Context:
+    """Where a notebook's runs go and how they are run (from the notebook's parameters cell)."""
+    profile: Profile
+    results_dir: Path = Path("results")
+    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("MFCORE_CACHE", REPO / "data" / "generated")))
+    data_root: str | None = None    # paper profile: folder holding one sub-folder per dataset
+    device: str = "auto"
+    progress: str = "log"
+    nproc_per_node: int = 1         # >1: each run is launched with torchrun (paper profile)
+
+    @property
+    def runs_dir(self) -> Path:
+        return Path(self.results_dir) / "runs" / self.profile.name
+
+
+def synthetic_root(ctx: Context, num_classes: int) -> Path:
+    """The profile's synthetic scenes with K classes (semantic + panoptic layouts), generated once."""
+    from mfcore.data import make_synthetic
+
+    p = ctx.profile
+    root = Path(ctx.cache_dir) / f"{p.name}-s{p.image_size}-n{p.num_train}-k{num_classes}"
+    if not (root / "DONE").is_file():
+        make_synthetic(root, num_classes=num_classes, num_train=p.num_train, num_val=p.num_val,
+                       image_size=p.image_size, seed=0, kind="both")
+        (root / "DONE").write_text("complete\n")  # written last: a half-generated set is regenerated
+    return root
+
+
+def pretrained_backbone(ctx: Context) -> str:
+    """Path of the profile's backbone pretrained on synthetic classification (trained once, cached)."""
+    from mfcore.training.pretrain import pretrain_backbone
+
+    cfg = dataclasses.replace(ctx.profile.pretrain, backbone=ctx.profile.backbone)
+    tag = f"{cfg.backbone}-p{cfg.num_primitives}-n{cfg.num_train}-i{cfg.iters}-s{cfg.seed}"
+    out = Path(ctx.cache_dir) / "pretrained" / f"{tag}.pt"
+    pretrain_backbone(cfg, out, Path(ctx.cache_dir) / "pretrained" / f"data-{tag}", ctx.device, ctx.progress)
+    return str(out)
+
+
+def synthetic_spec(ctx: Context, model: str, num_classes: int | None = None, seed: int = 0, panoptic: bool = False,
+                   tag: str = "", **model_overrides: Any) -> RunSpec:
+    """A run of small preset `synthetic[-panoptic]-<model>-<backbone>` on the profile's scenes with K classes."""
+    p = ctx.profile
+    k = num_classes or p.base_classes
+    dataset = "synthetic-panoptic" if panoptic else "synthetic"
+    overrides = {"pretrained": pretrained_backbone(ctx), **model_overrides}
+    if model in ("maskformer", "maskformer-boxmatch") and "num_queries" not in overrides:
+        overrides["num_queries"] = p.num_queries
+    train = {"iters": p.iters, "batch_size": p.batch_size, "lr": p.lr, "seed": seed,
+             "checkpoint_period": max(1, p.iters // 4), "num_workers": 0 if p.name == "smoke" else 2}
+    name = f"{dataset}-k{k}-{model}{('-' + tag) if tag else ''}-s{seed}"
+    return RunSpec(name, f"{dataset}-{model}-{p.backbone}", str(synthetic_root(ctx, k)), train, overrides)
+
+
+def paper_spec(ctx: Context, preset: str, seed: int = 0, **model_overrides: Any) -> RunSpec:
+    """A run of a paper preset on real data under `data_root/<dataset>`."""
+    from mfcore.presets import get_preset
+
+    if not ctx.data_root:
+        raise ValueError("the paper profile needs data_root: a folder with one sub-folder per dataset "
+                         "(e.g. data_root/ade20k/ADEChallengeData2016); see data/README.md")
+    dataset = get_preset(preset).train.dataset
+    root = Path(ctx.data_root) / dataset
+    if not root.is_dir():
+        raise FileNotFoundError(f"paper profile: dataset {dataset!r} expected at {root} (see data/README.md)")
+    tag = "-".join(f"{k}{v}" for k, v in sorted(model_overrides.items()))
+    return RunSpec(f"{preset}{('-' + tag) if tag else ''}-s{seed}", preset, str(root), {"seed": seed}, model_overrides)
+
+
+def run(ctx: Context, spec: RunSpec, on_log: Callable[[list[dict]], None] | None = None) -> dict:
+    """Train and evaluate `spec` unless already finished; returns final.json's content.
+    on_log: called with the metrics records after each log line (single-process runs)."""
+    out = ctx.runs_dir / spec.name
+    final = out / "final.json"
+    if final.is_file():
+        done = json.loads(final.read_text())
+        if done.get("spec") == spec.as_dict():
+            return done
+        raise ValueError(f"{out} holds a finished run of a different spec; delete it or use another results_dir")
+    resume = (out / "last.pt").is_file()
+    start = time.perf_counter()
+    print(f"run {spec.name}: {'resuming' if resume else 'training'} {spec.preset}", flush=True)
+    if ctx.nproc_per_node > 1:
+        result = _run_torchrun(ctx, spec, out, resume)
+    else:
+        from mfcore.training.train import train
+
+        result = train(spec.preset, out, spec.data_root, train_overrides=spec.train, model_overrides=spec.model,
+                       resume=resume, progress=ctx.progress, device=ctx.device, on_log=on_log)
+        if result["status"] != "finished":
+            raise KeyboardInterrupt(f"run {spec.name} {result['status']} at iteration {result['iteration']}; "
+                                    f"run again to resume")
+        result = {"metrics": result["eval"], "iteration": result["iteration"], "config": result["config"]}
+    done = {"spec": spec.as_dict(), **result, "seconds": round(time.perf_counter() - start, 1)}
+    write_json(final, done)
+    return done
+
+
+def _run_torchrun(ctx: Context, spec: RunSpec, out: Path, resume: bool) -> dict:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ctx.nproc_per_node}", "-m", "mfcore",
+           "train", "--preset", spec.preset, "--output", str(out), "--progress", ctx.progress, "--device", ctx.device]
+    if spec.data_root:
+        cmd += ["--data-root", spec.data_root]
+    for key, value in spec.train.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    for key, value in spec.model.items():
+        cmd += ["--set", f"{key}={json.dumps(value)}"]
+    if resume:
+        cmd.append("--resume")
+    print("launching:", shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    evaluated = json.loads((out / "eval_val.json").read_text())
+    return {"metrics": evaluated["metrics"], "iteration": evaluated["iteration"], "config": evaluated["config"]}
+
+
+def run_seeds(ctx: Context, specs: list[RunSpec]) -> dict:
+    """Run every spec (one per seed) and return the median of each semantic/panoptic summary metric,
+    plus the per-seed values: {"semantic": {...}, "panoptic": {...}, "runs": [...]}."""
+    results = [run(ctx, s) for s in specs]
+    summary: dict = {"runs": [s.name for s in specs], "seconds": sum(r["seconds"] for r in results)}
+    for part in ("semantic", "panoptic"):
+        rows = [r["metrics"][part] for r in results if part in r["metrics"]]
+        if rows:
+            keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))]
+            summary[part] = {k: statistics.median(row[k] for row in rows) for k in keys}
+            summary[part + "_per_seed"] = {k: [row[k] for row in rows] for k in keys}
+    return summary
+
+
+def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
+    """Finish every run in `specs`, `workers` at a time (each in its own process when workers > 1).
+
+    Many small runs share one GPU far better side by side than one after the other (each alone is
+    bound by kernel launches). The specs were built in this process, so the datasets and the pretrained
+    backbone they name already exist; a failed run is reported after the others have finished.
+    """
+    todo = [s for s in specs if not (ctx.runs_dir / s.name / "final.json").is_file()]
+    if ctx.nproc_per_node > 1:
+        workers = 1  # each run already spans the node's GPUs through torchrun
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already finished; training {len(todo)}, "
+          f"{min(workers, max(len(todo), 1))} at a time", flush=True)
+    if workers <= 1 or len(todo) <= 1:
+        for spec in todo:
+            run(ctx, spec)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    failed = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(run, ctx, spec): spec.name for spec in todo}
+        for future in as_completed(futures):
+            error = future.exception()
+            print(f"run {futures[future]}: {'failed: ' + repr(error) if error else 'finished'}", flush=True)
+            if error:
+                failed.append(futures[future])
+    if failed:
+        raise RuntimeError(f"{len(failed)} run(s) failed: {failed}; finished runs are kept, run again to retry")
+
+
+def make_context(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
+                 progress: str = "log", nproc_per_node: int = 1, profile_overrides: dict | None = None) -> Context:
+    """The Context of a notebook's parameters cell. results_dir "" means results/ for the quick profile
+    (the committed tables) and results/<profile>/ otherwise, in the source checkout. profile_overrides:
+    Profile fields to replace, e.g. {"seeds": (0,)} (the provenance lines state the values used)."""
+    from mfcore.companion.profiles import get_profile
+
+    prof = get_profile(profile)
+    if profile_overrides:
+        prof = dataclasses.replace(prof, **profile_overrides)
+    if not results_dir:
+        results_dir = str(REPO / "results") if profile == "quick" else str(REPO / "results" / profile)
+    return Context(prof, Path(results_dir), data_root=data_root or None,
+                   device=prof.device if device == "auto" else device, progress=progress,
+                   nproc_per_node=nproc_per_node)
+
+
+def base_spec(ctx: Context, model: str = "maskformer", panoptic: bool = False) -> RunSpec:
+    """The profile's reference run of `model` (seed 0): the run the training, inference, query-statistics
+    and explorer notebooks look at, and the base row of the ablations."""
+    if ctx.profile.synthetic:
+        return synthetic_spec(ctx, model, panoptic=panoptic)
+    dataset = "coco-panoptic" if panoptic else "ade20k"
+    return paper_spec(ctx, f"{dataset}-{model}-r50")
+
+
+def run_checkpoint(ctx: Context, spec: RunSpec) -> Path:
+    """The trained checkpoint of `spec`, training it first if needed."""
+    run(ctx, spec)
+    return ctx.runs_dir / spec.name / "last.pt"
+
+
+def val_dataset(spec: RunSpec):
+    """The validation split a run is evaluated on (original images and labels)."""
+    from mfcore.presets import get_preset
+    from mfcore.training.runtime import build_run_dataset
+
+    return build_run_dataset(get_preset(spec.preset).train.dataset, spec.data_root, "val")

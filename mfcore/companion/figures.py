@@ -1,0 +1,91 @@
+"""Result figures of the notebooks: predictions, the three inference modes side by side, Table 2's trend.
+
+Predictions are the dicts of `mfcore.companion.predictions.collect_predictions` (numpy; masks at image size).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+
+from mfcore.companion.viz import bare_axes, colorize, palette
+from mfcore.inference import (
+    general_semantic_inference,
+    panoptic_inference,
+    semantic_inference,
+)
+
+
+def _semantic(pred: Mapping) -> np.ndarray:
+    logits, masks = torch.as_tensor(pred["pred_logits"]), torch.as_tensor(pred["pred_masks"])
+    return semantic_inference(logits, masks).argmax(0).numpy()
+
+
+def plot_predictions(predictions: Sequence[Mapping], class_names: Sequence[str], ignore: int = 255) -> Figure:
+    """One row per image: image | semantic prediction | ground truth."""
+    k = len(class_names)
+    fig = Figure(figsize=(7.5, 2.5 * len(predictions)))
+    axes = np.atleast_2d(fig.subplots(len(predictions), 3))
+    for row, pred in zip(axes, predictions):
+        row[0].imshow(pred["image"])
+        row[1].imshow(colorize(_semantic(pred), k, ignore))
+        gt = pred.get("gt")
+        row[2].imshow(colorize(gt, k, ignore) if gt is not None else np.zeros_like(pred["image"]))
+        for ax, title in zip(row, ("image", "semantic inference", "ground truth")):
+            bare_axes(ax, title)
+    return fig
+
+
+def _panoptic_colors(seg: np.ndarray, segments: list[dict], k: int) -> np.ndarray:
+    """Segments coloured by class, instances of one class told apart by brightness; VOID black."""
+    out = np.zeros((*seg.shape, 3), np.uint8)
+    colors = palette(k).astype(np.float32)
+    for n, s in enumerate(segments):
+        shade = 1.0 - 0.35 * (n % 3) / 2 if s["isthing"] else 1.0
+        out[seg == s["id"]] = (colors[s["category_id"]] * shade).astype(np.uint8)
+    return out
+
+
+def plot_inference_modes(predictions: Sequence[Mapping], class_names: Sequence[str], thing_ids: Sequence[int],
+                         general_threshold: float = 0.3, panoptic_threshold: float = 0.8,
+                         overlap_threshold: float = 0.8, ignore: int = 255) -> Figure:
+    """One row per image: image | semantic | general (Table VII, threshold 0.3) | panoptic | ground truth."""
+    k = len(class_names)
+    fig = Figure(figsize=(12.5, 2.6 * len(predictions)))
+    axes = np.atleast_2d(fig.subplots(len(predictions), 5))
+    for row, pred in zip(axes, predictions):
+        logits, masks = torch.as_tensor(pred["pred_logits"]), torch.as_tensor(pred["pred_masks"])
+        general = general_semantic_inference(logits, masks, general_threshold, overlap_threshold, ignore).numpy()
+        seg, segments = panoptic_inference(logits, masks, list(thing_ids), panoptic_threshold, overlap_threshold)
+        gt = pred.get("gt")
+        panels = [pred["image"], colorize(_semantic(pred), k, ignore), colorize(general, k, ignore),
+                  _panoptic_colors(seg.numpy(), segments, k),
+                  colorize(gt, k, ignore) if gt is not None else np.zeros_like(pred["image"])]
+        titles = ["image", "semantic", f"general (>{general_threshold})", f"panoptic ({len(segments)} segments)",
+                  "ground truth"]
+        for ax, panel, title in zip(row, panels, titles):
+            ax.imshow(panel)
+            bare_axes(ax, title)
+    return fig
+
+
+def plot_table2_trend(frame: pd.DataFrame) -> Figure:
+    """Table 2's trend: ours (mIoU vs K per model) beside the paper's (mIoU vs its dataset's class count)."""
+    fig = Figure(figsize=(10, 3.6))
+    ours, theirs = fig.subplots(1, 2)
+    for model, rows in frame.groupby("model", sort=False):
+        ours.plot(rows["K"], rows["mIoU ours"], marker="o", label=model)
+        classes = rows["paper setting"].str.extract(r"\((\d+) classes\)")[0].astype(int)
+        theirs.plot(classes, rows["mIoU paper"], marker="o", label=model)
+    for ax, title, xlabel in ((ours, "ours (synthetic: K classes)", "K"),
+                              (theirs, "paper (datasets)", "classes in the dataset")):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("mIoU")
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,36 @@
+"""What every notebook does first and after every table: one call each instead of a copied cell.
+
+    ctx, figures = notebook.setup(profile, results_dir, data_root, device, progress, nproc_per_node, interactive)
+    notebook.show_table(tables.table2(ctx), ctx)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from mfcore.companion.experiments import Context, make_context
+from mfcore.companion.tables import Table, write_table
+
+
+def setup(profile: str, results_dir: str, data_root: str, device: str, progress: str, nproc_per_node: int,
+          interactive: bool) -> tuple[Context, Path]:
+    """The notebook's run context (from its parameters cell) and its figures folder.
+
+    Batch runs (`interactive=False`) draw with the Agg backend: figures are written to files and shown
+    inline once, never in a window."""
+    import matplotlib
+
+    if not interactive:
+        matplotlib.use("Agg")
+    ctx = make_context(profile, results_dir, data_root, device, progress, nproc_per_node)
+    print(ctx.profile.describe())
+    return ctx, Path(ctx.results_dir) / "figures"
+
+
+def show_table(table: Table, ctx: Context) -> Table:
+    """Write `table` (CSV + Markdown under the results folder) and display it: as Markdown in a notebook
+    front end, as plain text in a batch log."""
+    from IPython.display import Markdown, display
+
+    write_table(table, ctx.results_dir)
+    display(Markdown(table.markdown()))
+    return table

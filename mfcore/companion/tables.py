@@ -1,0 +1,328 @@
+"""The paper's tables regenerated: each builder runs (or reuses) the experiments it needs and returns a
+`Table` with the paper's numbers beside ours, the delta and a provenance line.
+
+Synthetic profiles vary the number of classes K where the paper varies the dataset; the "paper" column
+then shows the paper's dataset with the same rank in class count, and the delta compares different
+datasets: read the *trends* (the gaps between models), not the absolute values.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from mfcore.companion import paper_numbers as paper
+from mfcore.companion.experiments import (
+    Context,
+    RunSpec,
+    paper_spec,
+    run_seeds,
+    synthetic_spec,
+)
+from mfcore.files import git_commit, write_text
+
+
+@dataclass
+class Table:
+    name: str                     # file stem under results/tables
+    title: str
+    frame: pd.DataFrame
+    provenance: str
+    notes: list[str] = field(default_factory=list)
+
+    def markdown(self) -> str:
+        body = self.frame.to_markdown(index=False, floatfmt=".1f")
+        notes = "".join(f"\n- {n}" for n in self.notes)
+        return f"### {self.title}\n\n{body}\n\n_Provenance: {self.provenance}_\n{notes}\n"
+
+
+def write_table(table: Table, results_dir: str | Path) -> list[Path]:
+    """Write `<results_dir>/tables/<name>.csv` and `.md` atomically (never a half-written table)."""
+    folder = Path(results_dir) / "tables"
+    buf = io.StringIO()
+    table.frame.to_csv(buf, index=False)
+    buf.write(f"# provenance: {table.provenance}\n")
+    paths = [folder / f"{table.name}.csv", folder / f"{table.name}.md"]
+    for path, text in zip(paths, (buf.getvalue(), table.markdown())):
+        write_text(path, text)
+    return paths
+
+
+def provenance(ctx: Context, start: float, runs_seconds: float, extra: str = "") -> str:
+    wall = time.perf_counter() - start + runs_seconds
+    return (f"{ctx.profile.describe()}{'; ' + extra if extra else ''}; git {git_commit()[:12]}; "
+            f"{dt.date.today().isoformat()}; wall time {wall / 60:.1f} min (training + evaluation of its runs)")
+
+
+def _specs(ctx: Context, model: str, k: int | None = None, dataset: str | None = None, panoptic: bool = False,
+           tag: str = "", **overrides) -> list:
+    """One spec per seed: synthetic (K classes) or, for the paper profile, the paper preset on `dataset`."""
+    if ctx.profile.synthetic:
+        return [synthetic_spec(ctx, model, k, seed, panoptic, tag, **overrides) for seed in ctx.profile.seeds]
+    backbone = "r101" if dataset == "cityscapes" else "r50"
+    return [paper_spec(ctx, f"{dataset}-{model}-{backbone}", seed, **overrides) for seed in ctx.profile.seeds]
+
+
+def _settings(ctx: Context) -> list[tuple[int | None, str]]:
+    """Table 2's settings as (K, paper dataset): the synthetic K values paired with the paper's datasets of
+    the same rank in class count, or the paper's datasets themselves."""
+    if not ctx.profile.synthetic:
+        return [(None, d) for d, _ in paper.TABLE2_DATASETS]
+    ks = sorted(ctx.profile.class_counts)
+    datasets = [d for d, _ in paper.TABLE2_DATASETS]
+    if len(ks) == 3:
+        datasets = ["cityscapes", "ade20k", "ade20k-full"]
+    return list(zip(ks, datasets[:len(ks)]))
+
+
+def _sem(result: dict) -> tuple[float, float]:
+    s = result["semantic"]
+    return s["mIoU"], s["PQ_St"]
+
+
+MODEL_NAMES = {"perpixel": "PerPixelBaseline", "perpixelplus": "PerPixelBaseline+", "maskformer": "MaskFormer",
+               "maskformer-fixed": "MaskFormer-fixed", "maskformer-boxmatch": "MaskFormer (box matching)"}
+
+
+TABLE2_MODELS = ("perpixel", "perpixelplus", "maskformer")
+TABLE4_MODELS = ("perpixelplus", "maskformer-fixed", "maskformer")
+TABLE8_VARIANTS = {"1 layer": dict(dec_layers=1), "6 layers": {}, "6 layers, no self-attention": dict(self_attention=False)}
+
+
+def _runs_table2(ctx: Context) -> dict:
+    return {(k, dataset, m): _specs(ctx, m, k, dataset) for k, dataset in _settings(ctx) for m in TABLE2_MODELS}
+
+
+def _runs_table4(ctx: Context) -> dict:
+    return {m: _specs(ctx, m, ctx.profile.base_classes, "ade20k") for m in TABLE4_MODELS}
+
+
+def _query_counts(ctx: Context) -> tuple[int, ...]:
+    return ctx.profile.query_counts if ctx.profile.synthetic else (20, 50, 100, 150, 300, 1000)
+
+
+def _runs_queries(ctx: Context) -> dict:
+    k = ctx.profile.base_classes
+
+    def maskformer(n: int) -> list:  # at the profile's own N this is Table 2/4's MaskFormer run: trained once
+        if n == ctx.profile.num_queries:
+            return _specs(ctx, "maskformer", k, "ade20k")
+        return _specs(ctx, "maskformer", k, "ade20k", tag=f"q{n}", num_queries=n)
+    return {"perpixelplus": _specs(ctx, "perpixelplus", k, "ade20k"), **{n: maskformer(n) for n in _query_counts(ctx)}}
+
+
+def _runs_table8(ctx: Context) -> dict:
+    return {label: _specs(ctx, "maskformer", ctx.profile.base_classes, "ade20k",
+                          tag="-".join(f"{key}{value}" for key, value in overrides.items()), **overrides)
+            for label, overrides in TABLE8_VARIANTS.items()}
+
+
+def _runs_table5(ctx: Context) -> dict:
+    return {m: _specs(ctx, m, ctx.profile.base_classes, "coco-panoptic", panoptic=True)
+            for m in ("maskformer-boxmatch", "maskformer")}
+
+
+def _runs_model_size(presets: dict) -> Callable[[Context], dict]:
+    def runs(ctx: Context) -> dict:
+        return {p: [paper_spec(ctx, p, s) for s in ctx.profile.seeds] for p in presets} if not ctx.profile.synthetic else {}
+    return runs
+
+
+def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
+    """Every training run the named tables (default: all) need, each once, in table order."""
+    names = names or list(RUNS)
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise ValueError(f"unknown table(s) {unknown}: expected some of {list(RUNS)}")
+    specs = {s.name: s for n in names for group in RUNS[n](ctx).values() for s in group}
+    return list(specs.values())
+
+
+def table2(ctx: Context) -> Table:
+    """Table 2: per-pixel vs mask classification as the number of classes grows."""
+    start, seconds, rows = time.perf_counter(), 0.0, []
+    groups = _runs_table2(ctx)
+    for k, dataset in _settings(ctx):
+        results = {m: run_seeds(ctx, groups[k, dataset, m]) for m in TABLE2_MODELS}
+        seconds += sum(r["seconds"] for r in results.values())
+        base_ours = _sem(results["perpixelplus"])[0]
+        base_paper = paper.TABLE2["perpixelplus"][dataset][0]
+        for model, result in results.items():
+            miou, pq_st = _sem(result)
+            p_miou, p_pq = paper.TABLE2[model][dataset]
+            rows.append({"K": k if k else dict(paper.TABLE2_DATASETS)[dataset], "model": MODEL_NAMES[model],
+                         "paper setting": f"{dataset} ({dict(paper.TABLE2_DATASETS)[dataset]} classes)",
+                         "mIoU paper": p_miou, "mIoU ours": miou, "mIoU delta": miou - p_miou,
+                         "PQ^St paper": p_pq, "PQ^St ours": pq_st, "PQ^St delta": pq_st - p_pq,
+                         "gap to PerPixelBaseline+ paper": p_miou - base_paper,
+                         "gap to PerPixelBaseline+ ours": miou - base_ours})
+    notes = ["The paper's claim: MaskFormer beats PerPixelBaseline+ and the gap grows with the number of classes."]
+    return Table("table2", "Table 2: per-pixel vs mask classification (mIoU / PQ^St)", pd.DataFrame(rows),
+                 provenance(ctx, start, seconds), notes)
+
+
+def table4(ctx: Context) -> Table:
+    """Table 4: (a) per-pixel vs mask classification with the same fixed matching; (b) fixed vs bipartite."""
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    results = {m: run_seeds(ctx, specs) for m, specs in _runs_table4(ctx).items()}
+    rows = []
+    for model, result in results.items():
+        miou, pq_st = _sem(result)
+        p_miou, p_pq = paper.TABLE4[model]
+        rows.append({"model": MODEL_NAMES[model], "matching": {"perpixelplus": "per-pixel (N=K)",
+                     "maskformer-fixed": "fixed (N=K)", "maskformer": "bipartite"}[model],
+                     "mIoU paper": p_miou, "mIoU ours": miou, "mIoU delta": miou - p_miou,
+                     "PQ^St paper": p_pq, "PQ^St ours": pq_st, "PQ^St delta": pq_st - p_pq})
+    seconds = sum(r["seconds"] for r in results.values())
+    return Table("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)", pd.DataFrame(rows),
+                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 ["The paper's claim: bipartite matching beats fixed matching, which beats per-pixel classification."])
+
+
+def table_queries(ctx: Context) -> Table:
+    """Number of queries. Synthetic runs are matched to the paper's rows by the ratio N/K."""
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    groups = _runs_queries(ctx)
+    rows, seconds = [], 0.0
+    ref = run_seeds(ctx, groups["perpixelplus"])
+    seconds += ref["seconds"]
+    rows.append({"queries": "PerPixelBaseline+ (N=K)", "paper row": "PerPixelBaseline+",
+                 "mIoU paper": paper.QUERIES["perpixelplus"][0], "mIoU ours": _sem(ref)[0],
+                 "PQ^St paper": paper.QUERIES["perpixelplus"][1], "PQ^St ours": _sem(ref)[1]})
+    paper_ns = [n for n in paper.QUERIES if isinstance(n, int)]
+    for n in _query_counts(ctx):
+        result = run_seeds(ctx, groups[n])
+        seconds += result["seconds"]
+        match = n if not ctx.profile.synthetic else min(paper_ns, key=lambda p: abs(p / 150 - n / k))
+        rows.append({"queries": n, "paper row": f"N={match} (N/K={match / 150:.2f})",
+                     "mIoU paper": paper.QUERIES[match][0], "mIoU ours": _sem(result)[0],
+                     "PQ^St paper": paper.QUERIES[match][1], "PQ^St ours": _sem(result)[1]})
+    frame = pd.DataFrame(rows)
+    frame.insert(4, "mIoU delta", frame["mIoU ours"] - frame["mIoU paper"])
+    frame["PQ^St delta"] = frame["PQ^St ours"] - frame["PQ^St paper"]
+    return Table("table_queries", "Number of queries (mIoU / PQ^St)", frame,
+                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 ["The paper: about 100 queries (N/K = 0.67 on ADE20K) work best; very many queries hurt."])
+
+
+def table8(ctx: Context) -> Table:
+    """Table VIII: decoder layers, with and without self-attention (semantic metrics)."""
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    rows, seconds = [], 0.0
+    for label, specs in _runs_table8(ctx).items():
+        result = run_seeds(ctx, specs)
+        seconds += result["seconds"]
+        s, p = result["semantic"], paper.TABLE8[label][0]
+        rows.append({"decoder": label, "mIoU paper": p[0], "mIoU ours": s["mIoU"], "mIoU delta": s["mIoU"] - p[0],
+                     "PQ^St paper": p[1], "PQ^St ours": s["PQ_St"], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],
+                     "RQ^St paper": p[3], "RQ^St ours": s["RQ_St"]})
+    return Table("table8", "Table VIII: transformer decoder layers (semantic)", pd.DataFrame(rows),
+                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 ["Panoptic columns of Table VIII are not regenerated (the synthetic profiles train semantic runs here)."])
+
+
+def table5(ctx: Context) -> Table:
+    """Table 5: box matching vs mask matching, panoptic quality (synthetic panoptic scenes or COCO)."""
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    rows, seconds = [], 0.0
+    for model, specs in _runs_table5(ctx).items():
+        result = run_seeds(ctx, specs)
+        seconds += result["seconds"]
+        pan, p = result["panoptic"], paper.TABLE5[model]
+        rows.append({"matching": "box" if "box" in model else "mask",
+                     "PQ paper": p[0], "PQ ours": pan["PQ"], "PQ delta": pan["PQ"] - p[0],
+                     "PQ^Th paper": p[1], "PQ^Th ours": pan["PQ_Th"], "PQ^St paper": p[2], "PQ^St ours": pan["PQ_St"]})
+    return Table("table5", "Table 5: matching with boxes vs masks (panoptic)", pd.DataFrame(rows),
+                 provenance(ctx, start, seconds, f"synthetic panoptic, K={k}" if ctx.profile.synthetic else "COCO"),
+                 ["The paper: mask matching beats box matching, most for stuff (PQ^St), whose boxes are uninformative."])
+
+
+def model_size_table(ctx: Context, name: str, presets: dict, title: str, score_columns) -> Table:
+    """Tables 1 and 3: params and FLOPs of every paper model counted at full size (mfcore.companion.analysis), beside
+    the paper's; quality columns from paper-profile runs (real data) or marked as not run."""
+    from mfcore.companion.analysis import analyze
+
+    start, rows, seconds = time.perf_counter(), [], 0.0
+    for preset, ref in presets.items():
+        size = (ref["size"], ref["size"]) if "size" in ref else None
+        a = analyze(preset, size=size)
+        row = {"model": preset, "params paper (M)": ref["params"], "params ours (M)": a["params"] / 1e6,
+               "FLOPs paper (G)": ref["flops"], "FLOPs ours (G)": a["flops"] / 1e9,
+               "FLOPs size": f"{a['size'][0]}x{a['size'][1]}"}
+        scores = None
+        if not ctx.profile.synthetic:
+            result = run_seeds(ctx, _runs_model_size(presets)(ctx)[preset])
+            seconds += result["seconds"]
+            scores = result
+        row.update(score_columns(ref, scores))
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame.insert(3, "params delta (%)", 100 * (frame["params ours (M)"] / frame["params paper (M)"] - 1))
+    frame.insert(6, "FLOPs delta (%)", 100 * (frame["FLOPs ours (G)"] / frame["FLOPs paper (G)"] - 1))
+    notes = ["Params and FLOPs are computed at full size (one multiply-add = one flop, eval mode, zero image, "
+             "semantic inference included); the paper rounds params to 1M."]
+    if ctx.profile.synthetic:
+        notes.append("Quality columns need the real dataset and a GPU cluster: run the pipeline with PROFILE=paper.")
+    return Table(name, title, frame, provenance(ctx, start, seconds, "params/FLOPs at full size"), notes)
+
+
+def table1(ctx: Context) -> Table:
+    def scores(ref, result):
+        ours = result["semantic"]["mIoU"] if result else float("nan")
+        return {"mIoU (s.s.) paper": ref["ss"], "mIoU (s.s.) ours": ours, "mIoU (m.s.) paper": ref["ms"]}
+    return model_size_table(ctx, "table1", paper.TABLE1, "Table 1: MaskFormer on ADE20K val", scores)
+
+
+def table3(ctx: Context) -> Table:
+    def scores(ref, result):
+        ours = result["panoptic"]["PQ"] if result else float("nan")
+        return {"PQ paper": ref["pq"][0], "PQ ours": ours, "PQ^Th paper": ref["pq"][1], "PQ^St paper": ref["pq"][2]}
+    return model_size_table(ctx, "table3", paper.TABLE3, "Table 3: MaskFormer on COCO panoptic val", scores)
+
+
+def table7(ctx: Context) -> Table:
+    """Table VII: one MaskFormer read out with semantic vs general inference, beside PerPixelBaseline+."""
+    from mfcore.training.evaluate import evaluate
+
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    rows, seconds = [], 0.0
+    groups = _runs_table4(ctx)
+    ref = run_seeds(ctx, groups["perpixelplus"])
+    seconds += ref["seconds"]
+    specs = groups["maskformer"]
+    semantic = run_seeds(ctx, specs)
+    seconds += semantic["seconds"]
+    general = []
+    for spec in specs:  # the same checkpoints, re-read with the general (panoptic-style) inference
+        out = ctx.runs_dir / spec.name / "eval_val_general.json"
+        if not out.is_file():
+            evaluate(ctx.runs_dir / spec.name / "last.pt", spec.data_root, output=out, device=ctx.device,
+                     inference="general", max_images=ctx.profile.eval_images)
+        general.append(pd.read_json(out, typ="series")["metrics"]["semantic"])
+    general_median = {m: float(pd.Series([g[m] for g in general]).median()) for m in ("mIoU", "PQ_St", "SQ_St", "RQ_St")}
+    for key, label, s in (("perpixelplus", "PerPixelBaseline+", ref["semantic"]),
+                          ("general", "MaskFormer, general inference", general_median),
+                          ("semantic", "MaskFormer, semantic inference", semantic["semantic"])):
+        p = paper.TABLE7[key]
+        rows.append({"model / inference": label, "mIoU paper": p[0], "mIoU ours": s["mIoU"],
+                     "mIoU delta": s["mIoU"] - p[0], "PQ^St paper": p[1], "PQ^St ours": s["PQ_St"],
+                     "PQ^St delta": s["PQ_St"] - p[1], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],
+                     "RQ^St paper": p[3], "RQ^St ours": s["RQ_St"]})
+    return Table("table7", "Table VII: semantic vs general inference (mIoU / PQ^St / SQ^St / RQ^St)",
+                 pd.DataFrame(rows), provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 ["The paper: general inference (threshold 0.3) trades mIoU for PQ^St: fewer false-positive segments."])
+
+
+# the runs behind each table (table7 reads the checkpoints of table4's runs)
+RUNS: dict[str, Callable[[Context], dict]] = {
+    "table1": _runs_model_size(paper.TABLE1), "table2": _runs_table2, "table3": _runs_model_size(paper.TABLE3),
+    "table4": _runs_table4, "table5": _runs_table5, "table7": _runs_table4, "table8": _runs_table8,
+    "table_queries": _runs_queries}
+TABLES: dict[str, Callable[[Context], Table]] = {
+    "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table7": table7,
+    "table8": table8, "table_queries": table_queries}

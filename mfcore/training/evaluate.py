@@ -1,0 +1,198 @@
+"""Evaluation of a checkpoint, as the paper reports it.
+
+Semantic: mIoU (dataset-level confusion matrix) and PQ^St, where every class region of the prediction
+and of the ground truth is one segment and all classes count as stuff (Table 2). Panoptic datasets and
+mask-classification models add panoptic PQ / PQ^Th / PQ^St / SQ / RQ from general inference (Sec. 3.4)
+with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap threshold 0.8.
+
+Single-scale test: the image is resized to the preset's test short side, predictions are resized back to
+the label's original size. `tta=True`: the multi-scale + flip test of Table 1 (semantic metrics only;
+the panoptic numbers stay single-scale, as in the paper). `inference="general"`: Table VII's general
+inference (the panoptic rule with object threshold 0.3) read out as the semantic prediction.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mfcore.config import TrainConfig
+from mfcore.data.datasets import PanopticSegDataset
+from mfcore.fast.semantic_labels import semantic_labels
+from mfcore.files import write_json
+from mfcore.inference import (
+    PIXEL_MEAN_RGB,
+    general_semantic_inference,
+    pad_images,
+    panoptic_inference,
+    postprocess_masks,
+    predict_semantic,
+    predict_semantic_tta,
+    resize_shortest_edge,
+    semantic_inference,
+)
+from mfcore.metrics import SemSegEvaluator
+from mfcore.panoptic_quality import PQAccumulator, semantic_categories
+from mfcore.training import distributed as du
+from mfcore.training.checkpoint import (
+    config_dict,
+    configs_from_checkpoint,
+    load_trained_model,
+)
+from mfcore.training.runtime import build_run_dataset, resolve_device
+
+GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
+
+
+def _padded_outputs(model: nn.Module, image: Tensor) -> tuple[dict, tuple[int, int], tuple[int, int]]:
+    """The model's outputs for one image [3, h, w] (0..255) padded to its size divisibility, the padded
+    size and the image's size."""
+    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
+    return model(batch), tuple(batch.shape[-2:]), size
+
+
+@torch.inference_mode()
+def mask_predictions(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """MaskFormer's pairs for one image [3, h, w] (0..255): pred_logits [N, K+1] and mask logits
+    [N, H_out, W_out] resized to `output_size` (upsampled to the padded input, padding cropped)."""
+    outputs, padded, size = _padded_outputs(model, image)
+    return outputs["pred_logits"][0], postprocess_masks(outputs["pred_masks"][0], padded, size, output_size)
+
+
+@torch.inference_mode()
+def mask_labels(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> Tensor:
+    """MaskFormer's semantic label map [H_out, W_out] for one image [3, h, w] (0..255), straight from the
+    stride-4 outputs (`semantic_labels`: the full-resolution masks and scores are never materialised)."""
+    outputs, padded, size = _padded_outputs(model, image)
+    return semantic_labels(outputs["pred_logits"], outputs["pred_masks"], padded, size, output_size)[0]
+
+
+def _gather_pq(acc: PQAccumulator) -> PQAccumulator:
+    """An accumulator holding the PQ counts of all processes (`acc` itself in a single process)."""
+    if not du.is_initialized():
+        return acc
+    gathered: list[Any] = [None] * du.get_world_size()
+    torch.distributed.all_gather_object(gathered, acc.stats)
+    total = PQAccumulator(acc.categories)
+    for stats in gathered:
+        part = PQAccumulator(acc.categories)
+        part.stats = stats
+        total.merge(part)
+    return total
+
+
+def _pq_summary(result: dict, names: list[str], suffix: str) -> dict:
+    """{"PQ<suffix>", "SQ<suffix>", "RQ<suffix>"} of the "All" average plus a per-class table."""
+    out = {f"{k.upper()}{suffix}": result["All"][k] for k in ("pq", "sq", "rq")}
+    out["per_class"] = [{"id": c, "name": names[c], **{k: v[k] for k in ("pq", "sq", "rq", "tp", "fp", "fn")}}
+                        for c, v in sorted(result["per_class"].items())]
+    return out
+
+
+def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device, tta: bool = False,
+                   max_images: int | None = None, inference: str = "semantic") -> dict:
+    """Metrics of `model` on `dataset` (built without transform: original images and labels).
+
+    Under torchrun each process scores images rank, rank + world, ... and the counts are summed.
+    Returns {"num_images", "semantic": {"mIoU", "pixel_acc", "mAcc", "PQ_St", "SQ_St", "RQ_St",
+    "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
+    "PQ_St", "SQ", "RQ", "per_class"}}; values in percent.
+    inference: "semantic" (marginalisation, the default) or "general" (MaskFormer only; Table VII).
+    """
+    if inference not in ("semantic", "general"):
+        raise ValueError(f"inference={inference!r}: expected 'semantic' or 'general'")
+    if inference == "general" and (tta or model.cfg.arch != "maskformer"):
+        raise ValueError("general inference needs a MaskFormer model and single-scale testing")
+    was_training = model.training
+    model.eval()
+    k, names = dataset.num_classes, list(dataset.class_names)
+    mask_classification = model.cfg.arch == "maskformer"
+    semseg = SemSegEvaluator(k, dataset.ignore_label)
+    pq_st = PQAccumulator(semantic_categories(k))
+    pq = None
+    if isinstance(dataset, PanopticSegDataset) and mask_classification:
+        pq = PQAccumulator([{"id": c, "isthing": int(c in dataset.thing_ids)} for c in range(k)])
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    for index in range(du.get_rank(), count, du.get_world_size()):
+        sample = dataset[index]
+        gt = sample["sem_seg"]
+        out_size = tuple(gt.shape[-2:])
+        image = sample["image"].to(device)
+        resized = resize_shortest_edge(image, cfg.test_short_side, cfg.max_size)
+        logits = masks = None
+        if tta:
+            # long side capped at 4x the largest short side: 3584 for ADE20K's 896, as the released test
+            pred = predict_semantic_tta(model, image, cfg.tta_short_sides, True, 4 * max(cfg.tta_short_sides)).argmax(0)
+        elif mask_classification and inference == "semantic" and pq is None:
+            pred = mask_labels(model, resized, out_size)  # no full-resolution masks needed
+        elif mask_classification:
+            logits, masks = mask_predictions(model, resized, out_size)
+            if inference == "semantic":
+                pred = semantic_inference(logits, masks).argmax(0)
+            else:  # Table VII's general inference: the panoptic rule read out as a label map
+                pred = general_semantic_inference(logits, masks, GENERAL_THRESHOLD, cfg.overlap_threshold,
+                                                  dataset.ignore_label)
+        else:
+            pred = predict_semantic(model, resized, out_size).argmax(0)
+        pred = pred.cpu()
+        semseg.update(pred, gt)
+        pq_st.add_semantic(pred.numpy(), gt.numpy(), dataset.ignore_label)
+        if pq is not None:
+            if logits is None:
+                logits, masks = mask_predictions(model, resized, out_size)
+            seg, segments = panoptic_inference(logits, masks, dataset.thing_ids, cfg.object_mask_threshold,
+                                               cfg.overlap_threshold)
+            pq.add(sample["pan_seg"].numpy(), sample["segments_info"], seg.cpu().numpy(), segments)
+    model.train(was_training)
+
+    semseg.sync()
+    sem = semseg.compute()
+    st = _pq_summary(_gather_pq(pq_st).compute(), names, "_St")
+    st_rows = {row["id"]: row for row in st.pop("per_class")}
+    nan = float("nan")
+    per_class = [{"id": c, "name": names[c], "iou": iou,
+                  **{f"{m}_st": st_rows.get(c, {}).get(m, nan) for m in ("pq", "sq", "rq")}}
+                 for c, iou in enumerate(sem["per_class_iou"])]
+    result: dict = {"num_images": count, "semantic": {"mIoU": sem["mIoU"], "pixel_acc": sem["pixel_acc"],
+                                                      "mAcc": sem["mAcc"], **st, "per_class": per_class}}
+    if pq is not None:
+        pan = _gather_pq(pq).compute()
+        result["panoptic"] = {**_pq_summary(pan, names, ""), "PQ_Th": pan["Things"]["pq"], "PQ_St": pan["Stuff"]["pq"]}
+    return result
+
+
+def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: bool = False, split: str = "val",
+             output: str | Path | None = None, device: str = "auto", max_images: int | None = None,
+             inference: str = "semantic") -> dict:
+    """Evaluate a checkpoint (from `train` or `convert-checkpoint`) and write the results as JSON.
+
+    The JSON goes to `output`, by default next to the checkpoint: `eval_<split>[_tta|_general].json`.
+    Returns the written dict: {"checkpoint", "iteration", "split", "tta", "metrics", "config", "git_commit"}.
+    """
+    checkpoint = Path(checkpoint)
+    device = du.init_distributed(resolve_device(device))
+    model, ckpt = load_trained_model(checkpoint)
+    preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
+    model.to(device)
+    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
+                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    start = time.perf_counter()
+    metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images, inference)
+    result = {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, "tta": tta,
+              "inference": inference,
+              "seconds": round(time.perf_counter() - start, 2), "metrics": metrics,
+              "config": config_dict(preset, model_cfg, loss_cfg, train_cfg), "git_commit": ckpt.get("git_commit")}
+    if du.is_main_process():
+        suffix = "_tta" if tta else "_general" if inference == "general" else ""
+        path = Path(output) if output else checkpoint.parent / f"eval_{split}{suffix}.json"
+        write_json(path, result)
+        result["output"] = str(path)
+    return result
+
+
+__all__ = ["evaluate", "evaluate_model", "mask_predictions"]

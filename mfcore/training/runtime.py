@@ -1,0 +1,167 @@
+"""Run plumbing shared by training and evaluation: devices, seeding, datasets by preset name, and a
+deterministic, resumable data order.
+
+Exact resumption needs two things from the data side:
+  * the order of samples is a pure function of (seed, epoch), and where a run stands in it is a pure
+    function of how many micro-batches it has consumed (`ResumableBatchSampler`);
+  * the random augmentation of a sample is a pure function of its place in that order, whatever
+    worker process loads it (`SeededSamples` seeds the RNGs per sample and restores them afterwards).
+Then a run resumed at iteration t sees exactly the batches an uninterrupted run sees after step t.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mfcore.files import REPO
+
+# preset dataset name -> mfcore.data registry name
+DATASET_NAMES = {"ade20k": "ade20k", "ade20k-full": "ade20k_full", "coco-stuff": "coco_stuff_10k",
+                 "cityscapes": "cityscapes", "mapillary": "mapillary_vistas", "coco-panoptic": "coco_panoptic",
+                 "ade20k-panoptic": "ade20k_panoptic", "synthetic": "synthetic_semantic",
+                 "synthetic-panoptic": "synthetic_panoptic"}
+SYNTHETIC = ("synthetic", "synthetic-panoptic")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" -> CUDA when available, else CPU; anything else is passed to torch.device."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's `random`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def default_synthetic_root() -> Path:
+    """data/generated/synthetic in the source checkout (or the working directory if installed elsewhere)."""
+    base = REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()
+    return base / "data" / "generated" / "synthetic"
+
+
+def ensure_synthetic(root: Path) -> Path:
+    """Generate the default synthetic set at `root` if absent. The set is written to a temporary folder
+    that is renamed into place, so concurrent runs never read a half-written set."""
+    if root.is_dir():
+        return root
+    from mfcore.data import make_synthetic
+    from mfcore.presets import SMALL_DATASETS
+
+    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
+    # the small presets' K, and the sizes data/README.md documents for the default set
+    make_synthetic(tmp, num_classes=SMALL_DATASETS["synthetic"][0], num_train=2000, num_val=300)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process finished first; its copy is identical (fixed seed)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def build_run_dataset(name: str, data_root: str | Path | None, split: str, transform: Any = None) -> Any:
+    """Dataset of a preset's `TrainConfig.dataset` name. For the synthetic datasets a missing
+    `data_root` means the default generated set (created on first use)."""
+    from mfcore.data.datasets import build_dataset
+
+    if name not in DATASET_NAMES:
+        raise ValueError(f"dataset {name!r}: expected one of {sorted(DATASET_NAMES)}")
+    if data_root is None:
+        if name not in SYNTHETIC:
+            raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files; see data/README.md)")
+        data_root = ensure_synthetic(default_synthetic_root())
+    return build_dataset(DATASET_NAMES[name], Path(data_root), split, transform)
+
+
+@contextmanager
+def forked_rng(seed: int) -> Iterator[None]:
+    """Run a block with torch / numpy / Python RNGs seeded by `seed`, then restore their previous states
+    (so loading data in the main process never disturbs the model's dropout RNG)."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        seed_everything(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+
+
+class SeededSamples(Dataset):
+    """Wraps a dataset: item (index, seed) -> dataset[index] computed under RNGs seeded with `seed`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item: tuple[int, int]) -> Any:
+        index, seed = item
+        with forked_rng(seed):
+            return self.dataset[index]
+
+
+class ResumableBatchSampler:
+    """Endless micro-batches of (index, sample seed) for one process, starting after `start` micro-batches.
+
+    Epoch e visits a permutation of all indices drawn from (seed, e), wrapped to a multiple of
+    world_size; process r takes positions r, r + world_size, ... and cuts them into micro-batches of
+    `batch_size` (an incomplete last one is dropped). Every process thus sees the same number of
+    batches per epoch, and batch b of the run is fully determined by (seed, b).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 start: int = 0, shuffle: bool = True):
+        per_rank = -(-num_samples // world_size)
+        if num_samples < 1 or per_rank < batch_size:
+            raise ValueError(f"dataset of {num_samples} images is too small for {world_size} process(es) x "
+                             f"micro-batch {batch_size}; lower the batch size or add images")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size, self.start, self.shuffle = rank, world_size, start, shuffle
+        self.batches_per_epoch = per_rank // batch_size
+
+    def position(self, batches_done: int) -> dict[str, int]:
+        """{"epoch", "batch"} after `batches_done` micro-batches (stored in checkpoints for reference)."""
+        return {"epoch": batches_done // self.batches_per_epoch, "batch": batches_done % self.batches_per_epoch}
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """Indices process `rank` visits in `epoch`, [batches_per_epoch * batch_size]."""
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        total = -(-self.num_samples // self.world_size) * self.world_size
+        order = order.repeat(-(-total // self.num_samples))[:total]  # wrap so every process gets as many
+        return order[self.rank::self.world_size][: self.batches_per_epoch * self.batch_size]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        batch = self.start
+        while True:
+            epoch, within = divmod(batch, self.batches_per_epoch)
+            order = self.epoch_order(epoch)
+            for b in range(within, self.batches_per_epoch):
+                chunk = order[b * self.batch_size:(b + 1) * self.batch_size].tolist()
+                base = (epoch * self.batches_per_epoch + b) * self.batch_size * self.world_size
+                # seeds unique per (epoch, position, process), independent of the worker that loads it
+                yield [(index, self.seed * 1_000_003 + base + self.rank * self.batch_size + j)
+                       for j, index in enumerate(chunk)]
+                batch += 1
+
+
+__all__ = ["DATASET_NAMES", "resolve_device", "seed_everything", "default_synthetic_root", "ensure_synthetic",
+           "build_run_dataset", "forked_rng", "SeededSamples", "ResumableBatchSampler"]

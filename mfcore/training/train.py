@@ -1,0 +1,331 @@
+"""Training: one flat loop, in the spirit of torchvision's references/segmentation/train.py.
+
+    python -m mfcore train --preset synthetic-maskformer-tiny --output runs/x          # one process
+    torchrun --nproc_per_node 2 -m mfcore train --preset ... --output runs/x           # DDP (gloo / NCCL)
+    python -m mfcore train --preset ... --output runs/x --resume                       # continue a run
+
+Per optimiser step: `grad_accum` micro-batches (forward, loss, backward), then whole-model gradient
+clipping, AdamW, and the poly (or step) schedule. The output folder receives `metrics.jsonl` (one JSON
+object per log / eval event), `last.pt` (written atomically every `checkpoint_period` steps, at the end,
+and when SIGTERM / Ctrl-C arrives) and `eval_val.json` (per-class tables of the final evaluation).
+
+Resuming restores the model, optimiser, schedule, AMP scaler, RNG states and the position in the data
+order, so on the CPU a resumed run ends with bit-identical weights to an uninterrupted one (under DDP,
+processes other than rank 0 reseed their dropout RNG instead of restoring it).
+"""
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from mfcore.config import ModelConfig, TrainConfig, override
+from mfcore.data.transforms import build_train_transform, collate
+from mfcore.files import json_safe, write_json
+from mfcore.losses import build_criterion, total_loss
+from mfcore.modeling.models import build_model
+from mfcore.presets import get_preset
+from mfcore.training import distributed as du
+from mfcore.training.checkpoint import (
+    capture_rng_state,
+    config_dict,
+    config_differences,
+    load_checkpoint,
+    load_model_state,
+    restore_rng_state,
+    save_checkpoint,
+)
+from mfcore.training.evaluate import evaluate_model
+from mfcore.training.runtime import (
+    SYNTHETIC,
+    ResumableBatchSampler,
+    SeededSamples,
+    build_run_dataset,
+    resolve_device,
+    seed_everything,
+)
+from mfcore.training.solver import build_optimizer, build_scheduler, clip_gradients
+
+# TrainConfig fields that do not change the result: a run may be resumed with other values
+RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class StopRequest:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only set `signum`; the loop then finishes its step,
+    saves a checkpoint and returns. A second signal gets the previous behaviour (stop at once)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        signal.signal(signum, self._previous[signum])
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():  # handlers only work in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
+            for t in targets]
+
+
+def _adapt_to_data(model_cfg: ModelConfig, loss_matcher: str, num_classes: int, dataset: str) -> ModelConfig:
+    """The small synthetic presets take their number of classes from the generated data; a real dataset
+    must match its preset."""
+    if num_classes == model_cfg.num_classes:
+        return model_cfg
+    if dataset not in SYNTHETIC:
+        raise ValueError(f"dataset {dataset} has {num_classes} classes but the model has {model_cfg.num_classes}")
+    fields: dict[str, Any] = {"num_classes": num_classes}
+    if model_cfg.arch == "perpixelplus" or loss_matcher == "fixed":  # these need one query per class
+        fields["num_queries"] = num_classes
+    return override(model_cfg, **fields)
+
+
+def _append_jsonl(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(json_safe(record)) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Records of a `metrics.jsonl`; a last line still being written is skipped."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def _truncate_jsonl(path: Path, iteration: int) -> None:
+    """Drop records a killed run wrote after its last checkpoint (the resumed run writes them again)."""
+    if path.is_file():
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= iteration]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def _show(progress: str, line: str, final: bool = False) -> None:
+    if progress == "off":
+        return
+    if progress == "auto" and sys.stderr.isatty():  # one line updated in place
+        print("\r" + line.ljust(100), end="\n" if final else "", file=sys.stderr, flush=True)
+    elif final or progress in ("log", "auto"):
+        print(line, flush=True)
+
+
+def train(preset: str, output_dir: str | Path, data_root: str | Path | None = None, *,
+          train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
+          resume: bool = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None,
+          on_log: Callable[[list[dict]], None] | None = None) -> dict:
+    """Train `preset` (see mfcore.presets) into `output_dir`.
+
+    train_overrides / model_overrides: TrainConfig / ModelConfig fields to change, e.g. {"iters": 20}.
+    resume: continue the run saved in output_dir/last.pt (its config must match, except RUN_LEVEL fields).
+    progress: "auto" (in-place line on a terminal, else log lines), "log" (one line per log_period), "off".
+    stop_at: stop once this many iterations are done, as an interruption would (checkpoint, then return);
+        0 saves the untrained model.
+    Returns {"status": "finished" | "stopped" | "interrupted", "iteration", "checkpoint", "eval", "config"}.
+    """
+    if progress not in ("auto", "log", "off"):
+        raise ValueError(f"progress={progress!r}: expected 'auto', 'log' or 'off'")
+    output_dir, ckpt_path = Path(output_dir), Path(output_dir) / "last.pt"
+    device = du.init_distributed(resolve_device(device))
+    rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
+    base = get_preset(preset)
+    cfg: TrainConfig = override(base.train, **(train_overrides or {}))
+    model_cfg = override(base.model, **(model_overrides or {}))
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
+                         f"grad_accum={cfg.grad_accum}")
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    if resume and not ckpt_path.is_file():
+        raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
+    if not resume and ckpt_path.exists():
+        raise ValueError(f"{output_dir} already holds a run (last.pt): pass --resume to continue it, or choose "
+                         f"another --output")
+
+    # Data: augmentation (hue jitter off for the synthetic scenes, whose classes differ by hue)
+    transform = build_train_transform(cfg.crop_size, cfg.short_sides, cfg.max_size, ignore_label=cfg.ignore_label,
+                                      hue_delta=0 if cfg.dataset in SYNTHETIC else 18)
+    for turn in (0, 1):  # rank 0 first: it may generate the default synthetic set
+        if (rank == 0) == (turn == 0):
+            train_set = build_run_dataset(cfg.dataset, data_root, "train", transform)
+            val_set = build_run_dataset(cfg.dataset, data_root, "val")
+        du.barrier()
+    model_cfg = _adapt_to_data(model_cfg, base.loss.matcher, train_set.num_classes, cfg.dataset)
+    run_config = config_dict(base.name, model_cfg, base.loss, cfg)
+
+    seed_everything(cfg.seed)  # identical initial weights on every process
+    # a resumed run takes every weight from its checkpoint: the pretrained backbone file is not read again
+    model = build_model(override(model_cfg, pretrained=None) if resume else model_cfg).to(device)
+    seed_everything(cfg.seed + rank)
+    loss_cfg = base.loss
+    criterion = build_criterion(loss_cfg.matcher, model_cfg.num_classes, model_cfg.num_queries,
+                                cost_class=loss_cfg.cost_class, cost_mask=loss_cfg.cost_mask,
+                                cost_dice=loss_cfg.cost_dice, eos_coef=loss_cfg.eos_coef,
+                                num_points=loss_cfg.num_points, deep_supervision=loss_cfg.deep_supervision,
+                                dec_layers=model_cfg.dec_layers, ignore_index=train_set.ignore_label).to(device)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
+    start, last_saved = 0, None
+    if resume:
+        ckpt = load_checkpoint(ckpt_path)
+        diffs = config_differences(ckpt["config"], run_config, ignore=RUN_LEVEL)
+        if diffs:
+            raise ValueError(f"cannot resume {ckpt_path}: the run's config differs: " + "; ".join(diffs))
+        load_model_state(model, ckpt["model"], str(ckpt_path))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        if ckpt["scaler"] is not None:
+            scaler.load_state_dict(ckpt["scaler"])
+        start = last_saved = ckpt["iteration"]
+        if rank == 0:
+            restore_rng_state(ckpt["rng"])
+        else:
+            seed_everything(cfg.seed + rank + 1000 * start)
+    ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else None
+    net = ddp or model
+
+    sampler = ResumableBatchSampler(len(train_set), micro, cfg.seed, rank, world, start=start * cfg.grad_accum)
+    # the loader gets its own generator so that creating it never draws from the global (dropout) RNG
+    loader = DataLoader(SeededSamples(train_set), batch_sampler=sampler, num_workers=cfg.num_workers,
+                        collate_fn=partial(collate, ignore_label=cfg.ignore_label), pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    metrics_path = output_dir / "metrics.jsonl"
+    if main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            _truncate_jsonl(metrics_path, start)
+        else:
+            metrics_path.unlink(missing_ok=True)
+
+    def save(iteration: int) -> None:
+        if main:
+            batches = iteration * cfg.grad_accum
+            save_checkpoint(ckpt_path, {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
+                "rng": capture_rng_state(), "sampler": {"micro_batches": batches, **sampler.position(batches)},
+                "config": run_config})
+        du.barrier()
+
+    def run_eval(iteration: int) -> dict:
+        result = evaluate_model(model, val_set, cfg, device)
+        if main:
+            summary = {k: v for k, v in result["semantic"].items() if k != "per_class"}
+            if "panoptic" in result:
+                summary.update({f"panoptic_{k}": v for k, v in result["panoptic"].items() if k != "per_class"})
+            _append_jsonl(metrics_path, {"type": "eval", "iter": iteration, **summary})
+            _show(progress, f"eval at iter {iteration}: mIoU {summary['mIoU']:.2f}  PQ^St {summary['PQ_St']:.2f}",
+                  final=True)
+        return result
+
+    amp = dict(device_type=device.type, dtype=AMP_DTYPES.get(cfg.amp, torch.float32), enabled=cfg.amp != "off")
+    it, status, window = start, "finished", []
+    data_iter = iter(loader)
+    tic = time.perf_counter()
+    with StopRequest() as stop:
+        while it < cfg.iters:
+            if stop_at is not None and it >= stop_at:  # stop_at=0 saves the untrained model
+                status = "stopped"
+                break
+            net.train()
+            nonfinite, data_time, terms = [], 0.0, {}
+            for m in range(cfg.grad_accum):
+                t0 = time.perf_counter()
+                images, targets = next(data_iter)
+                data_time += time.perf_counter() - t0
+                images, targets = images.to(device, non_blocking=True), _targets_to(targets, device)
+                # gradients are all-reduced only on the last micro-batch of the step
+                sync = ddp.no_sync() if ddp is not None and m < cfg.grad_accum - 1 else nullcontext()
+                with sync:
+                    with torch.autocast(**amp):
+                        outputs = net(images)
+                    losses = criterion(outputs, targets)
+                    loss = total_loss(losses, criterion.weight_dict)
+                    scaler.scale(loss / cfg.grad_accum).backward()
+                if not torch.isfinite(loss):
+                    nonfinite.append({k: v.item() for k, v in losses.items() if not torch.isfinite(v)} or loss.item())
+                for k in ("loss_ce", "loss_mask", "loss_dice"):
+                    if k in losses:
+                        terms[k] = terms.get(k, 0.0) + losses[k].item() / cfg.grad_accum
+                terms["loss"] = terms.get("loss", 0.0) + loss.item() / cfg.grad_accum
+            flags = torch.tensor([float(bool(nonfinite)), float(stop.signum is not None)], device=device)
+            if du.is_initialized():
+                torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            if flags[0]:
+                kept = f"the last good checkpoint {ckpt_path} (iteration {last_saved}) is kept" if last_saved is not \
+                    None else "no checkpoint had been written yet"
+                raise FloatingPointError(f"non-finite loss at iteration {it + 1} ({nonfinite or 'on another process'}); "
+                                         f"training stopped and {kept}. Lower the learning rate, enable gradient "
+                                         f"clipping or check the data, then resume.")
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (head group)
+            scaler.unscale_(optimizer)
+            grad_norm = clip_gradients(model, cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            it += 1
+            window.append({**terms, "grad_norm": float(grad_norm), "data_sec": data_time})
+            if it % cfg.log_period == 0 or it == cfg.iters:  # rank 0's averages over the last log_period steps
+                toc = time.perf_counter()
+                record = {"type": "train", "iter": it, **{k: sum(w[k] for w in window) / len(window) for k in window[0]},
+                          "lr": lr, "sec_per_iter": (toc - tic) / len(window)}
+                record["eta_sec"] = record["sec_per_iter"] * (cfg.iters - it)
+                if device.type == "cuda":
+                    record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+                if main:
+                    _append_jsonl(metrics_path, record)
+                    if on_log is not None:  # e.g. a notebook's live loss plot
+                        on_log(read_metrics(metrics_path))
+                    _show(progress, f"iter {it}/{cfg.iters}  loss {record['loss']:.4f}  lr {lr:.2e}  "
+                                    f"{record['sec_per_iter']:.2f}s/it  eta {record['eta_sec'] / 60:.1f} min")
+                window, tic = [], toc
+            if cfg.eval_period and it % cfg.eval_period == 0 and it < cfg.iters:
+                run_eval(it)
+            interrupted = bool(flags[1])
+            if it % cfg.checkpoint_period == 0 or it == cfg.iters or interrupted:
+                save(it)
+                last_saved = it
+            if interrupted:
+                status = "interrupted"
+                break
+    del data_iter  # shuts the loader's worker processes down
+    result = None
+    if status == "finished":
+        result = run_eval(it)
+        if main:
+            write_json(output_dir / "eval_val.json", {"iteration": it, "metrics": result, "config": run_config})
+    else:
+        if last_saved != it:
+            save(it)
+        _show(progress, f"{status} at iteration {it}; continue with --resume ({ckpt_path})", final=True)
+    return {"status": status, "iteration": it, "checkpoint": str(ckpt_path), "eval": result, "config": run_config,
+            "signal": stop.signum}
+
+
+__all__ = ["train", "StopRequest", "RUN_LEVEL"]
