@@ -11,8 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from mfcore.data import build_dataset, design_classes, make_classification_set, make_synthetic, render_scene
-from mfcore.data import synthetic_writer
+from mfcore.data import (
+    build_dataset,
+    design_classes,
+    make_classification_set,
+    make_synthetic,
+    render_scene,
+    synthetic_writer,
+)
 from mfcore.data.separability import box_sums, separability
 from mfcore.data.synthetic import balanced_pairs, hsv_to_rgb, primitives_needed, rgb_hue
 

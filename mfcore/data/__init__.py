@@ -6,7 +6,13 @@
 """
 from mfcore.data.base import PanopticSegDataset, SegmentationDataset, SemanticSegDataset
 from mfcore.data.datasets import DATASETS, build_dataset
-from mfcore.data.synthetic import DESIGNS, ClassDesign, HueDesign, design_classes, render_scene
+from mfcore.data.synthetic import (
+    DESIGNS,
+    ClassDesign,
+    HueDesign,
+    design_classes,
+    render_scene,
+)
 from mfcore.data.synthetic_writer import make_classification_set, make_synthetic
 from mfcore.data.transforms import (
     PIXEL_MEAN,

@@ -18,7 +18,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mfcore.data.synthetic import ClassDesign, HueDesign, design_classes, render_scene_evidence, rgb_hue
+from mfcore.data.synthetic import (
+    ClassDesign,
+    HueDesign,
+    design_classes,
+    render_scene_evidence,
+    rgb_hue,
+)
 from mfcore.metrics import SemSegEvaluator
 
 

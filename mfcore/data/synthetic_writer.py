@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from mfcore.data.formats import ids_to_rgb, write_image, write_json, write_label
-from mfcore.data.synthetic import DESIGNS, ClassDesign, HueDesign, design_classes, render_scene
+from mfcore.data.synthetic import (
+    DESIGNS,
+    ClassDesign,
+    HueDesign,
+    design_classes,
+    render_scene,
+)
 
 _SPLITS = {"train": ("training", "train2017", 0), "val": ("validation", "val2017", 1)}
 _CHUNK = 200  # scenes per worker task
