@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -10,9 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from mfcore.data import build_dataset, design_classes, make_classification_set, make_synthetic, render_scene
-from mfcore.data import synthetic_writer
-from mfcore.data.synthetic import balanced_pairs, primitives_needed
+from mfcore.data import (
+    build_dataset,
+    design_classes,
+    make_classification_set,
+    make_synthetic,
+    render_scene,
+    synthetic_writer,
+)
+from mfcore.data.separability import box_sums, separability
+from mfcore.data.synthetic import balanced_pairs, hsv_to_rgb, primitives_needed, rgb_hue
 
 
 def _digest(root: Path) -> str:
@@ -144,3 +152,97 @@ def test_a_scene_with_a_single_segment_gets_a_nonzero_panoptic_id():
 
     info, _ = _panoptic_annotation(np.random.default_rng(0), np.ones((4, 4), dtype=np.int64), [3], "x")
     assert info["segments_info"][0]["id"] != 0
+
+
+# ----------------------------------------------------------------------------- the "hue" design
+def _hue_digest(tmp_path: Path, name: str, **kwargs) -> str:
+    make_synthetic(tmp_path / name, **{"num_classes": 32, "num_train": 4, "num_val": 2, "image_size": 64,
+                                       "seed": 0, "kind": "both", "workers": 1, "design": "hue", **kwargs})
+    return _digest(tmp_path / name)
+
+
+def test_hue_design_is_deterministic_and_recorded_in_the_meta(tmp_path):
+    assert _hue_digest(tmp_path, "a") == _hue_digest(tmp_path, "b")
+    assert _hue_digest(tmp_path, "c", seed=1) != _hue_digest(tmp_path, "a")
+    first = Image.open(tmp_path / "a/ADEChallengeData2016/images/training/syn_train_000000.png").tobytes()
+    second = Image.open(tmp_path / "a/ADEChallengeData2016/images/training/syn_train_000001.png").tobytes()
+    assert first != second
+    ds = build_dataset("synthetic_semantic", tmp_path / "a", "train")
+    assert ds.num_classes == 32 and ds.thing_ids == tuple(range(13))
+    meta = json.loads((tmp_path / "a/ADEChallengeData2016/synthetic_meta.json").read_text())
+    assert meta["design"] == "hue" and sorted(meta["class_hue"]) == [k * 360 / 32 for k in range(32)]
+
+
+def test_pairs_is_the_default_design():
+    assert design_classes(12, 4, seed=3).name == "pairs"
+    assert design_classes(12, 4, seed=3) == design_classes(12, 4, seed=3, design="pairs")
+
+
+def test_hue_scene_pixels_scatter_around_the_class_hue():
+    """Inside a segment (contours excluded) the mean hue is the class hue, and single pixels stray
+    by about the design's hue noise: one pixel says little at K = 32 (11.25 degrees apart)."""
+    design = design_classes(32, 0, seed=0, design="hue")
+    image, segments, classes = render_scene(design, np.random.default_rng(0), void_prob=0.0)
+    hue, chroma = rgb_hue(image)
+    for j, k in enumerate(classes, start=1):
+        inside = (segments == j) & (chroma > 0.2)
+        if inside.sum() < 300:
+            continue
+        offset = (hue[inside] - design.class_hue[k] + 180.0) % 360.0 - 180.0
+        mean = np.rad2deg(np.angle(np.exp(1j * np.deg2rad(offset)).mean()))
+        assert abs(mean) < 5.0
+        assert 25.0 < offset.std() < 55.0
+
+
+def test_hsv_round_trip():
+    rng = np.random.default_rng(0)
+    hue, sat, val = rng.uniform(0, 360, 500), rng.uniform(0.3, 1, 500), rng.uniform(0.3, 1, 500)
+    image = np.round(hsv_to_rgb(hue, sat, val) * 255).astype(np.uint8)
+    back, chroma = rgb_hue(image)
+    assert np.abs((back - hue + 180) % 360 - 180).max() < 2.0
+    assert np.allclose(chroma, sat * val, atol=0.01)
+
+
+def test_long_tailed_class_frequencies():
+    """Zipf exponent 1: region classes follow 1 / rank, ranks shuffled (not tied to the hue order)."""
+    design = design_classes(32, 0, seed=0, design="hue", class_freq_exponent=1.0)
+    assert sorted(design.class_freq, reverse=True) == pytest.approx([1 / r for r in range(1, 33)])
+    assert list(design.class_freq) != sorted(design.class_freq, reverse=True)
+    rng = np.random.default_rng(0)
+    counts = Counter(k for _ in range(400) for k in render_scene(design, rng, max_things=0)[2])
+    common = [k for k, f in enumerate(design.class_freq) if f >= 1 / 3]
+    rare = [k for k, f in enumerate(design.class_freq) if f <= 1 / 24]
+    assert sum(counts[k] for k in common) > 3 * sum(counts[k] for k in rare)
+    assert design_classes(32, 0, seed=0, design="hue").class_freq == ()  # exponent 0: uniform
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"design": "checker"}, "design must be one of"),
+    ({"design": "hue", "class_freq_exponent": -1.0}, "class_freq_exponent"),
+    ({"design": "hue", "class_freq_exponent": float("nan")}, "class_freq_exponent"),
+    ({"design": "hue", "num_primitives": 5}, "num_primitives"),
+    ({"design": "hue", "hue_noise": 0.0}, "hue_noise"),
+])
+def test_bad_design_arguments_raise(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        design_classes(32, 4, seed=0, **kwargs)
+
+
+def test_box_sums_match_a_direct_sum():
+    features = np.random.default_rng(0).normal(size=(7, 7, 2))
+    sums = box_sums(features, 3)
+    assert np.allclose(sums[3, 3], features[2:5, 2:5].sum((0, 1)))
+    assert np.allclose(sums[0, 0], features[:2, :2].sum((0, 1)))  # cut at the border
+    with pytest.raises(ValueError, match="odd"):
+        box_sums(features, 4)
+
+
+def test_hue_classes_need_the_region_at_32_and_boxes_get_worse_with_k():
+    """The design's promise, learning-free: at K = 32 the mean hue of a 9x9 box confuses adjacent
+    classes while the segment's mean hue does not, and a box's accuracy falls as K grows."""
+    results = {k: separability("hue", k, num_scenes=40, boxes=(9,)) for k in (8, 32, 128)}
+    at32 = results[32]
+    assert at32["region"]["mIoU"] > 88 and at32["box_9"]["mIoU"] < 50
+    assert at32["region"]["pixel_acc"] > at32["box_9"]["pixel_acc"] + 30
+    box = [results[k]["box_9"]["pixel_acc"] for k in (8, 32, 128)]
+    assert box[0] > box[1] + 15 and box[1] > box[2] + 15

@@ -2,11 +2,17 @@
 
     build_dataset(name, root, split, transform)  -> dataset of sample dicts (see datasets.py)
     build_train_transform(...), build_eval_transform(...), collate(batch)
-    make_synthetic(out_dir, ...), make_classification_set(out_dir, ...)
+    make_synthetic(out_dir, ..., design="pairs" | "hue"), make_classification_set(out_dir, ...)
 """
 from mfcore.data.base import PanopticSegDataset, SegmentationDataset, SemanticSegDataset
 from mfcore.data.datasets import DATASETS, build_dataset
-from mfcore.data.synthetic import ClassDesign, design_classes, render_scene
+from mfcore.data.synthetic import (
+    DESIGNS,
+    ClassDesign,
+    HueDesign,
+    design_classes,
+    render_scene,
+)
 from mfcore.data.synthetic_writer import make_classification_set, make_synthetic
 from mfcore.data.transforms import (
     PIXEL_MEAN,
@@ -20,9 +26,11 @@ from mfcore.data.transforms import (
 
 __all__ = [
     "DATASETS",
+    "DESIGNS",
     "PIXEL_MEAN",
     "PIXEL_STD",
     "ClassDesign",
+    "HueDesign",
     "PanopticSegDataset",
     "SegmentationDataset",
     "SemanticSegDataset",

@@ -1,6 +1,18 @@
 """Synthetic scenes in which classes differ only by *region-level* evidence.
 
-The generator is built to expose the paper's point cheaply (see data/README.md):
+Two scene designs (`DESIGNS`), chosen with `design_classes(..., design=...)`; see data/README.md:
+
+* "hue": a class is one of K hues evenly spaced on the colour circle, and every pixel's hue is
+  drawn far from it (normal noise, 40 degrees by default). A pixel's neighbourhood averages too
+  few draws to tell adjacent hues apart once K is large; the mean over the whole segment does.
+  Segment borders are drawn (a dark contour) and segments get a random saturation and
+  brightness, so grouping is visible but says nothing of the class. `HueDesign`.
+* "pairs" (below): a class is a conjunction of two texture primitives. `ClassDesign`.
+
+Both designs can draw region classes from long-tailed (Zipf) frequencies, as ADE20K-Full's
+classes are mostly rare: `class_freq_exponent` > 0.
+
+The "pairs" generator:
 
 * A bank of P texture *primitives*, primitive = (hue, pattern); patterns are flat,
   horizontal stripes, vertical stripes and checker (all unchanged by a horizontal flip).
@@ -24,13 +36,14 @@ import colorsys
 import functools
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 PATTERNS = ("flat", "hstripes", "vstripes", "checker")
 SHAPES = ("disc", "square", "diamond", "triangle", "cross")
 CORE_SCALE = 0.55  # a thing's core is its own shape shrunk by this factor (same centre)
+DESIGNS = ("pairs", "hue")
 
 
 @dataclass(frozen=True)
@@ -42,10 +55,16 @@ class ClassDesign:
     class_primitives: tuple[tuple[int, int], ...]  # [K] (a, b): a = thing core, b = thing rim
     class_shapes: tuple[int, ...]  # [K] index into SHAPES, -1 for stuff
     class_names: tuple[str, ...]
+    class_freq: tuple[float, ...] = ()  # [K] relative frequency of each class; () = uniform
+    name: ClassVar[str] = "pairs"
 
     @property
     def num_classes(self) -> int:
         return len(self.class_primitives)
+
+    def thing_shape(self, k: int, rng: np.random.Generator) -> int:
+        """The shape of an instance of thing class k: the class's own shape (part of its identity)."""
+        return self.class_shapes[k]
 
     @property
     def num_primitives(self) -> int:
@@ -69,12 +88,67 @@ class ClassDesign:
         return [k for k, pair in enumerate(self.class_primitives) if primitive in pair]
 
     def to_json(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "class_names": list(self.class_names),
-                "thing_ids": list(self.thing_ids), "num_primitives": self.num_primitives,
+        return {"design": self.name, "num_classes": self.num_classes, "class_names": list(self.class_names),
+                "thing_ids": list(self.thing_ids), "class_freq": list(self.class_freq),
+                "num_primitives": self.num_primitives,
                 "primitives": [{"hue": h, "pattern": PATTERNS[p]}
                                for h, p in zip(self.primitive_hue, self.primitive_pattern)],
                 "class_primitives": [list(pair) for pair in self.class_primitives],
                 "class_shapes": [SHAPES[s] if s >= 0 else None for s in self.class_shapes]}
+
+
+@dataclass(frozen=True)
+class HueDesign:
+    """The "hue" design: class k is the hue class_hue[k]; things first (ids 0..num_things-1).
+
+    Hues are a permutation of K evenly spaced angles, so that thing and stuff classes interleave
+    on the circle and every class has two neighbours 360/K degrees away. A thing instance takes a
+    random shape: only the hue statistic names its class.
+    """
+
+    class_hue: tuple[float, ...]  # [K] degrees
+    num_things: int
+    class_names: tuple[str, ...]
+    class_freq: tuple[float, ...] = ()  # [K] relative frequency of each class; () = uniform
+    hue_noise: float = 40.0  # std (degrees) of each pixel's hue around its class hue
+    name: ClassVar[str] = "hue"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_hue)
+
+    @property
+    def thing_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.num_things))
+
+    @property
+    def stuff_ids(self) -> tuple[int, ...]:
+        return tuple(range(self.num_things, self.num_classes))
+
+    def thing_shape(self, k: int, rng: np.random.Generator) -> int:
+        """A random shape for each instance: the shape must not say which class it is."""
+        return int(rng.integers(len(SHAPES)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"design": self.name, "num_classes": self.num_classes, "class_names": list(self.class_names),
+                "thing_ids": list(self.thing_ids), "class_freq": list(self.class_freq),
+                "class_hue": list(self.class_hue), "hue_noise": self.hue_noise}
+
+
+def zipf_frequencies(num_classes: int, num_things: int, exponent: float, rng: np.random.Generator) -> tuple[float, ...]:
+    """Relative class frequencies 1 / rank^exponent, ranks shuffled within things and within stuff.
+
+    Shuffled so that frequency says nothing of a class's appearance (its hue or primitives).
+    exponent 0 -> () (uniform). Returns [K] floats, each group's largest being 1.
+    """
+    if not (math.isfinite(exponent) and exponent >= 0):
+        raise ValueError(f"class_freq_exponent must be a finite number >= 0 (0 = uniform), got {exponent}")
+    if exponent == 0:
+        return ()
+    freq = np.empty(num_classes)
+    for ids in (np.arange(num_things), np.arange(num_things, num_classes)):
+        freq[ids] = (1.0 + rng.permutation(len(ids))) ** -exponent
+    return tuple(float(f) for f in freq)
 
 
 def primitives_needed(num_classes: int) -> int:
@@ -100,12 +174,31 @@ def balanced_pairs(num_primitives: int) -> list[tuple[int, int]]:
     return pairs
 
 
-def design_classes(num_classes: int, num_things: int, seed: int, num_primitives: int | None = None) -> ClassDesign:
-    """Assign each of K classes a distinct primitive pair (and things a shape)."""
+def design_classes(num_classes: int, num_things: int, seed: int, num_primitives: int | None = None,
+                   design: str = "pairs", class_freq_exponent: float = 0.0,
+                   hue_noise: float = 40.0) -> ClassDesign | HueDesign:
+    """The K classes of a scene design (one of DESIGNS); things are classes 0..num_things-1.
+
+    "pairs": each class a distinct primitive pair, things a shape (num_primitives: the bank size).
+    "hue": each class one of K evenly spaced hues, pixel hues drawn with std `hue_noise` degrees.
+    class_freq_exponent > 0 draws region classes with Zipf frequencies 1 / rank^exponent.
+    """
+    if design not in DESIGNS:
+        raise ValueError(f"design must be one of {DESIGNS}, got {design!r}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if not 0 <= num_things <= num_classes:
         raise ValueError(f"num_things must be in [0, num_classes={num_classes}], got {num_things}")
+    rng = np.random.default_rng([seed, 7])
+    if design == "hue":
+        if num_primitives is not None:
+            raise ValueError(f"num_primitives applies to the 'pairs' design only, got {num_primitives} with 'hue'")
+        if not 0 < hue_noise < 360:
+            raise ValueError(f"hue_noise must be in (0, 360) degrees, got {hue_noise}")
+        hues = tuple(float(j * 360.0 / num_classes) for j in rng.permutation(num_classes))
+        names = tuple(f"thing_{k:03d}" if k < num_things else f"stuff_{k:03d}" for k in range(num_classes))
+        freq = zipf_frequencies(num_classes, num_things, class_freq_exponent, rng)
+        return HueDesign(hues, num_things, names, freq, float(hue_noise))
     p = num_primitives or primitives_needed(num_classes)
     if p * (p - 1) // 2 < num_classes:
         raise ValueError(f"{p} primitives give only {p * (p - 1) // 2} pairs, fewer than {num_classes} classes")
@@ -113,13 +206,13 @@ def design_classes(num_classes: int, num_things: int, seed: int, num_primitives:
     n_hues = max(3, math.ceil(p / len(PATTERNS)))
     hues = tuple(float((i % n_hues) * 360.0 / n_hues) for i in range(p))
     patterns = tuple(i // n_hues for i in range(p))
-    rng = np.random.default_rng([seed, 7])
     pairs = balanced_pairs(p)[:num_classes]
     order = rng.permutation(num_classes)  # so that class k and k+1 are not ring neighbours
     class_pairs = tuple(pairs[j] for j in order)
     shapes = tuple(k % len(SHAPES) if k < num_things else -1 for k in range(num_classes))
     names = tuple(f"thing_{k:03d}_{SHAPES[s]}" if s >= 0 else f"stuff_{k:03d}" for k, s in enumerate(shapes))
-    return ClassDesign(hues, patterns, class_pairs, shapes, names)
+    freq = zipf_frequencies(num_classes, num_things, class_freq_exponent, rng)
+    return ClassDesign(hues, patterns, class_pairs, shapes, names, freq)
 
 
 # ----------------------------------------------------------------------------- scene geometry
@@ -159,7 +252,7 @@ def _shape_mask(shape: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     return ((np.abs(u) <= 0.35) & (np.abs(v) <= 1.0)) | ((np.abs(v) <= 0.35) & (np.abs(u) <= 1.0))
 
 
-def render_scene(design: ClassDesign, rng: np.random.Generator, size: int = 64, max_regions: int = 5,
+def render_scene(design: ClassDesign | HueDesign, rng: np.random.Generator, size: int = 64, max_regions: int = 5,
                  max_things: int = 3, void_prob: float = 0.1, noise_std: float = 8.0,
                  dominant_class: int | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """Draw one scene.
@@ -169,11 +262,34 @@ def render_scene(design: ClassDesign, rng: np.random.Generator, size: int = 64, 
         image: uint8 [S, S, 3]; segments: int64 [S, S] segment index (0 = void / "other", 1..n);
         segment_classes: class id of segments 1..n (a segment may end up with no pixel).
     """
+    image, segments, segment_classes, _ = render_scene_evidence(design, rng, size, max_regions, max_things,
+                                                                void_prob, noise_std, dominant_class)
+    return image, segments, segment_classes
+
+
+def _choose(rng: np.random.Generator, ids: list[int] | tuple[int, ...], count: int | None,
+            class_freq: tuple[float, ...], replace: bool = True) -> Any:
+    """rng.choice over class ids, weighted by class_freq (uniform when it is empty)."""
+    if not class_freq:
+        return rng.choice(ids) if count is None else rng.choice(ids, size=count, replace=replace)
+    weights = np.array([class_freq[k] for k in ids])
+    return rng.choice(ids, size=count, replace=replace, p=weights / weights.sum())
+
+
+def render_scene_evidence(design: ClassDesign | HueDesign, rng: np.random.Generator, size: int = 64,
+                          max_regions: int = 5, max_things: int = 3, void_prob: float = 0.1,
+                          noise_std: float = 8.0, dominant_class: int | None = None
+                          ) -> tuple[np.ndarray, np.ndarray, list[int], np.ndarray | None]:
+    """`render_scene` plus what each pixel shows, for learning-free measurements (separability.py).
+
+    The fourth value is, for "pairs", the primitive each pixel shows (int64 [S, S], -1 = none);
+    None for "hue", whose evidence is the image's hue itself.
+    """
     stuff, things = design.stuff_ids, design.thing_ids
     n_regions = int(rng.integers(2 if dominant_class is None else 1, max_regions + 1))
     regions = _stuff_regions(rng, size, n_regions)
     pool = [k for k in stuff if k != dominant_class]
-    region_classes = list(rng.choice(pool, size=min(n_regions, len(pool)), replace=False)) if pool else []
+    region_classes = list(_choose(rng, pool, min(n_regions, len(pool)), design.class_freq, replace=False)) if pool else []
     protected = -1  # the dominant region is never turned into void
     if dominant_class is not None:
         protected = int(np.bincount(regions.ravel(), minlength=n_regions).argmax())
@@ -185,20 +301,21 @@ def render_scene(design: ClassDesign, rng: np.random.Generator, size: int = 64, 
         if not is_void:
             segment_classes.append(int(region_classes[r]))
             segments[regions == r] = len(segment_classes)
-    # Things: shapes with a core of primitive a and a rim of primitive b, placed without overlap,
-    # with a dark one-pixel contour (objects have edges; the contour says nothing of the class).
+    # Things: shapes placed without overlap, with a dark one-pixel contour (objects have edges; the
+    # contour says nothing of the class). "pairs": a core of primitive a and a rim of primitive b.
     core = np.zeros((size, size), dtype=bool)
     taken = np.zeros((size, size), dtype=bool)
     contour = np.zeros((size, size), dtype=bool)
     yy, xx = (c.astype(np.float32) for c in _grid(size))
     n_things = int(rng.integers(0, max_things + 1)) if things else 0
     for _ in range(n_things):
-        k = int(rng.choice(things))
+        k = int(_choose(rng, things, None, design.class_freq))
+        shape = design.thing_shape(k, rng)
         for _attempt in range(20):
             radius = rng.uniform(0.1, 0.22) * size
             cy, cx = rng.uniform(radius, size - radius, size=2)
             u, v = (xx - cx) / radius, (yy - cy) / radius
-            mask = _shape_mask(design.class_shapes[k], u, v)
+            mask = _shape_mask(shape, u, v)
             if not (mask & taken).any():
                 break
         else:
@@ -207,9 +324,12 @@ def render_scene(design: ClassDesign, rng: np.random.Generator, size: int = 64, 
         segments[mask] = len(segment_classes)
         taken |= mask
         contour |= _inner_border(mask)
-        core |= _shape_mask(design.class_shapes[k], u / CORE_SCALE, v / CORE_SCALE)
-    image = _paint(design, rng, segments, segment_classes, core & taken, contour, noise_std)
-    return image, segments, segment_classes
+        core |= _shape_mask(shape, u / CORE_SCALE, v / CORE_SCALE)
+    if isinstance(design, HueDesign):
+        image = _paint_hue(design, rng, segments, segment_classes, noise_std)
+        return image, segments, segment_classes, None
+    image, primitive = _paint(design, rng, segments, segment_classes, core & taken, contour, noise_std)
+    return image, segments, segment_classes, primitive
 
 
 def _inner_border(mask: np.ndarray) -> np.ndarray:
@@ -220,8 +340,11 @@ def _inner_border(mask: np.ndarray) -> np.ndarray:
 
 
 def _paint(design: ClassDesign, rng: np.random.Generator, segments: np.ndarray, segment_classes: list[int],
-           core: np.ndarray, contour: np.ndarray, noise_std: float) -> np.ndarray:
-    """Colour a scene: primitive textures, void clutter, per-segment brightness, pixel noise."""
+           core: np.ndarray, contour: np.ndarray, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """Colour a "pairs" scene: primitive textures, void clutter, per-segment brightness, pixel noise.
+
+    Returns the image (uint8 [S, S, 3]) and the primitive each pixel shows (int64 [S, S], -1 = void).
+    """
     size = segments.shape[0]
     cell = max(4, round(size / 7))  # mosaic cell: one primitive per cell
     period = max(4, round(size / 10))  # stripe / checker period
@@ -250,4 +373,49 @@ def _paint(design: ClassDesign, rng: np.random.Generator, segments: np.ndarray, 
     # Per-segment brightness offset: a class-agnostic cue that pixels belong together.
     offsets = np.concatenate([[0.0], rng.uniform(-20, 20, size=len(segment_classes))]).astype(np.float32)
     image = image + offsets[segments][..., None] + rng.normal(0.0, noise_std, size=image.shape).astype(np.float32)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8), primitive
+
+
+def hsv_to_rgb(hue: np.ndarray, sat: np.ndarray, val: np.ndarray) -> np.ndarray:
+    """Vectorised HSV -> RGB: hue in degrees (any real), sat and val in 0..1 ([...] each) -> [..., 3] in 0..1."""
+    channels = []
+    for n in (5.0, 3.0, 1.0):  # R, G, B
+        k = (n + hue / 60.0) % 6.0
+        channels.append(val - val * sat * np.clip(np.minimum(k, 4.0 - k), 0.0, 1.0))
+    return np.stack(channels, axis=-1)
+
+
+def rgb_hue(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """HSV hue (degrees, 0..360) and chroma (max - min, 0..1) of an RGB image [..., 3] (uint8 or 0..255).
+
+    The inverse of `hsv_to_rgb`'s hue, so class hues read back from the rendered bytes as drawn.
+    Grey pixels (chroma 0) get hue 0; weigh hues by chroma to discount them.
+    """
+    rgb = image.astype(np.float64) / 255.0
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    top, chroma = rgb.max(-1), np.ptp(rgb, axis=-1)
+    safe = np.where(chroma > 0, chroma, 1.0)
+    hue = np.where(top == r, ((g - b) / safe) % 6.0, np.where(top == g, (b - r) / safe + 2.0, (r - g) / safe + 4.0))
+    return np.where(chroma > 0, hue * 60.0, 0.0), chroma
+
+
+def _paint_hue(design: HueDesign, rng: np.random.Generator, segments: np.ndarray, segment_classes: list[int],
+               noise_std: float) -> np.ndarray:
+    """Colour a "hue" scene: each pixel's hue ~ N(class hue, hue_noise); saturation and brightness
+    drawn per segment (class-independent); a dark grey contour wherever the segment changes to the
+    right or below (every border, one pixel wide); grey clutter for void; RGB noise. uint8 [S, S, 3]."""
+    n = len(segment_classes)
+    class_hue = np.array([0.0] + [design.class_hue[k] for k in segment_classes])
+    sat = np.concatenate([[0.0], rng.uniform(0.45, 0.9, size=n)])
+    val = np.concatenate([[0.0], rng.uniform(0.5, 0.95, size=n)])
+    hue = class_hue[segments] + rng.normal(0.0, design.hue_noise, size=segments.shape)
+    pixel_sat = np.clip(sat[segments] + rng.normal(0.0, 0.05, size=segments.shape), 0.0, 1.0)
+    pixel_val = np.clip(val[segments] + rng.normal(0.0, 0.05, size=segments.shape), 0.0, 1.0)
+    image = hsv_to_rgb(hue, pixel_sat, pixel_val).astype(np.float32) * 255.0
+    image[segments == 0] = rng.uniform(60, 190)
+    border = np.zeros(segments.shape, dtype=bool)
+    border[:, :-1] |= segments[:, :-1] != segments[:, 1:]
+    border[:-1, :] |= segments[:-1, :] != segments[1:, :]
+    image[border] = 30.0
+    image += rng.normal(0.0, noise_std, size=image.shape).astype(np.float32)
     return np.clip(np.round(image), 0, 255).astype(np.uint8)

@@ -28,7 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from mfcore.data.formats import ids_to_rgb, write_image, write_json, write_label
-from mfcore.data.synthetic import ClassDesign, design_classes, render_scene
+from mfcore.data.synthetic import (
+    DESIGNS,
+    ClassDesign,
+    HueDesign,
+    design_classes,
+    render_scene,
+)
 
 _SPLITS = {"train": ("training", "train2017", 0), "val": ("validation", "val2017", 1)}
 _CHUNK = 200  # scenes per worker task
@@ -38,7 +44,7 @@ _CHUNK = 200  # scenes per worker task
 class _Job:
     """Scenes [start, stop) of one split: everything a worker process needs, picklable."""
 
-    design: ClassDesign
+    design: ClassDesign | HueDesign
     out: Path
     split: str
     start: int
@@ -105,12 +111,14 @@ def _run(jobs: list[_Job], workers: int | None) -> list[list[tuple[dict, dict]]]
 def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 1000, num_val: int = 200,
                    image_size: int = 64, seed: int = 0, kind: str = "both", num_things: int | None = None,
                    num_primitives: int | None = None, max_regions: int = 5, max_things: int = 3,
-                   workers: int | None = None) -> ClassDesign:
+                   workers: int | None = None, design: str = "pairs", class_freq_exponent: float = 0.0,
+                   hue_noise: float = 40.0) -> ClassDesign | HueDesign:
     """Write num_train + num_val scenes of `num_classes` classes under out_dir (layout above).
 
     kind: "semantic" (ADE20K layout), "panoptic" (COCO panoptic layout) or "both" (same scenes).
-    num_things defaults to 40% of the classes; num_primitives to the fewest giving K pairs;
-    workers (processes) to the number of CPUs.
+    num_things defaults to 40% of the classes; num_primitives ("pairs" only) to the fewest giving K
+    pairs; workers (processes) to the number of CPUs. design, class_freq_exponent, hue_noise: see
+    mfcore.data.synthetic.design_classes; synthetic_meta.json records them ("design", "class_freq").
     """
     if kind not in ("semantic", "panoptic", "both"):
         raise ValueError(f"kind must be 'semantic', 'panoptic' or 'both', got {kind!r}")
@@ -118,7 +126,7 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
     out = Path(out_dir)
     things = round(0.4 * num_classes) if num_things is None else num_things
-    design = design_classes(num_classes, things, seed, num_primitives)
+    classes = design_classes(num_classes, things, seed, num_primitives, design, class_freq_exponent, hue_noise)
     ade, coco = out / "ADEChallengeData2016", out / "coco"
     for split, count in (("train", num_train), ("val", num_val)):
         ade_split, coco_split, _ = _SPLITS[split]
@@ -128,43 +136,45 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
             if kind in (part, "both"):
                 for folder in folders[part]:
                     folder.mkdir(parents=True, exist_ok=True)
-        jobs = [_Job(design, out, split, s, min(s + _CHUNK, count), image_size, seed, kind, max_regions, max_things)
+        jobs = [_Job(classes, out, split, s, min(s + _CHUNK, count), image_size, seed, kind, max_regions, max_things)
                 for s in range(0, count, _CHUNK)]
         entries = [e for chunk in _run(jobs, workers) for e in chunk]
         if kind in ("panoptic", "both"):
-            categories = [{"id": k + 1, "name": design.class_names[k], "isthing": int(k in design.thing_ids),
-                           "supercategory": "thing" if k in design.thing_ids else "stuff"}
+            categories = [{"id": k + 1, "name": classes.class_names[k], "isthing": int(k in classes.thing_ids),
+                           "supercategory": "thing" if k in classes.thing_ids else "stuff"}
                           for k in range(num_classes)]
             write_json(coco / "annotations" / f"panoptic_{coco_split}.json",
                        {"images": [e[0] for e in entries], "annotations": [e[1] for e in entries],
                         "categories": categories})
     if kind in ("semantic", "both"):
-        meta = {"name": "synthetic_semantic", "seed": seed, "image_size": image_size, **design.to_json()}
+        meta = {"name": "synthetic_semantic", "seed": seed, "image_size": image_size, **classes.to_json()}
         write_json(ade / "synthetic_meta.json", meta)
-    return design
+    return classes
 
 
 def make_classification_set(out_dir: str | Path, num_classes: int, num_train: int = 1000, num_val: int = 200,
-                            image_size: int = 64, seed: int = 0, num_primitives: int | None = None) -> ClassDesign:
+                            image_size: int = 64, seed: int = 0, num_primitives: int | None = None,
+                            design: str = "pairs", hue_noise: float = 40.0) -> ClassDesign | HueDesign:
     """Image-level pretraining data: each image is dominated by one texture class (its label).
 
     Written in torchvision ImageFolder layout: out_dir/{train,val}/<class_name>/<index>.png, plus
     out_dir/classification_meta.json. Classes are primitive pairs drawn from the same kind of
     bank as the scenes (stuff only: no shapes). With the scenes' num_primitives and
     num_classes = P(P-1)/2 the backbone learns every pair, the way ImageNet pretraining knows
-    much of ADE20K's vocabulary but none of its masks.
+    much of ADE20K's vocabulary but none of its masks. With design="hue" the classes are K evenly
+    spaced hues: the scenes' hues when K is theirs.
     """
-    design = design_classes(num_classes, 0, seed + 1, num_primitives)
+    classes = design_classes(num_classes, 0, seed + 1, num_primitives, design, hue_noise=hue_noise)
     out = Path(out_dir)
     for split, count in (("train", num_train), ("val", num_val)):
         code = _SPLITS[split][2]
         for i in range(count):
             rng = np.random.default_rng([seed, 100 + code, i])
             label = int(rng.integers(num_classes))
-            image, _, _ = render_scene(design, rng, image_size, max_regions=3, max_things=0, dominant_class=label)
-            write_image(out / split / design.class_names[label] / f"{i:06d}.png", image)
-    write_json(out / "classification_meta.json", {"seed": seed, "image_size": image_size, **design.to_json()})
-    return design
+            image, _, _ = render_scene(classes, rng, image_size, max_regions=3, max_things=0, dominant_class=label)
+            write_image(out / split / classes.class_names[label] / f"{i:06d}.png", image)
+    write_json(out / "classification_meta.json", {"seed": seed, "image_size": image_size, **classes.to_json()})
+    return classes
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,21 +187,30 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", choices=("semantic", "panoptic", "both"), default="both")
     parser.add_argument("--num-things", type=int, default=None, help="default: 40%% of the classes")
-    parser.add_argument("--num-primitives", type=int, default=None, help="default: fewest giving K pairs")
+    parser.add_argument("--num-primitives", type=int, default=None, help="'pairs' only; default: fewest giving K pairs")
+    parser.add_argument("--design", choices=DESIGNS, default="pairs",
+                        help="'pairs': a class is a pair of texture primitives; 'hue': a noisy hue statistic")
+    parser.add_argument("--class-freq-exponent", type=float, default=0.0,
+                        help="Zipf exponent of the class frequencies (0 = uniform)")
+    parser.add_argument("--hue-noise", type=float, default=40.0, help="'hue' only: per-pixel hue std, degrees")
     parser.add_argument("--workers", type=int, default=None, help="processes; default: all CPUs")
     parser.add_argument("--classification-per-class", type=int, default=0, metavar="N",
-                        help="also write about N training images per primitive pair to out_dir/classification")
+                        help="also write about N training images per class of the classification set "
+                             "(every primitive pair for 'pairs', the K hues for 'hue') to out_dir/classification")
 
 
 def main(args: argparse.Namespace) -> None:
     design = make_synthetic(args.out_dir, args.num_classes, args.num_train, args.num_val, args.image_size,
-                            args.seed, args.kind, args.num_things, args.num_primitives, workers=args.workers)
-    print(f"wrote {args.num_train} + {args.num_val} scenes of {design.num_classes} classes "
-          f"({len(design.thing_ids)} things, {design.num_primitives} primitives) to {args.out_dir}")
+                            args.seed, args.kind, args.num_things, args.num_primitives, workers=args.workers,
+                            design=args.design, class_freq_exponent=args.class_freq_exponent,
+                            hue_noise=args.hue_noise)
+    bank = f", {design.num_primitives} primitives" if isinstance(design, ClassDesign) else ""
+    print(f"wrote {args.num_train} + {args.num_val} '{design.name}' scenes of {design.num_classes} classes "
+          f"({len(design.thing_ids)} things{bank}) to {args.out_dir}")
     if args.classification_per_class > 0:
-        p = design.num_primitives
-        pairs = p * (p - 1) // 2
+        p = design.num_primitives if isinstance(design, ClassDesign) else None
+        count = p * (p - 1) // 2 if p else design.num_classes
         n = args.classification_per_class
-        make_classification_set(args.out_dir / "classification", pairs, n * pairs, max(1, n // 5) * pairs,
-                                args.image_size, args.seed, p)
-        print(f"wrote a {pairs}-class classification set to {args.out_dir / 'classification'}")
+        make_classification_set(args.out_dir / "classification", count, n * count, max(1, n // 5) * count,
+                                args.image_size, args.seed, p, design.name, args.hue_noise)
+        print(f"wrote a {count}-class classification set to {args.out_dir / 'classification'}")

@@ -1,0 +1,125 @@
+"""Where does a mask-classification model lose mIoU: in its classes or in its masks?
+
+The last decoder layer's N (class, mask) pairs of each validation image are matched to the ground-truth
+segments with the training matcher (Hungarian, the checkpoint's cost weights). Over the matched pairs:
+
+* class accuracy: the query's argmax over K+1 (no-object counts as wrong) is the segment's class;
+* mask IoU: IoU of the query's binary mask (logit > 0) with the segment's mask, averaged over pairs;
+
+and three dataset-level mIoUs from semantic inference: as predicted, with oracle classes (matched queries
+get their segment's class, prob 1) and with oracle masks (matched queries get their segment's mask). A
+large gap to the oracle-class mIoU says the classes are the bottleneck; to the oracle-mask mIoU, the
+masks. Per-pixel models have no queries: only their mIoU and pixel accuracy are reported.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import configs_from_checkpoint, load_trained_model
+from .config import TrainConfig
+from .evaluate import mask_predictions
+from .inference import predict_semantic, resize_shortest_edge, semantic_inference
+from .matcher import HungarianMatcher
+from .metrics import SemSegEvaluator
+from .runtime import build_run_dataset, resolve_device
+
+_SURE = 50.0  # a logit that sigmoid / softmax read as certain
+
+
+class MatchingDiagnostic:
+    """Accumulates the diagnostic over images; `compute()` gives the numbers in percent."""
+
+    def __init__(self, num_classes: int, ignore_label: int, matcher: HungarianMatcher) -> None:
+        self.matcher = matcher
+        self.semantic = {name: SemSegEvaluator(num_classes, ignore_label)
+                         for name in ("predicted", "oracle_class", "oracle_mask")}
+        self.correct = self.matched = 0
+        self.iou_sum = 0.0
+
+    @torch.inference_mode()
+    def update(self, pred_logits: Tensor, pred_masks: Tensor, labels: Tensor, masks: Tensor, sem_seg: Tensor) -> None:
+        """One image: pred_logits [N, K+1], pred_masks [N, H, W] logits at the label's size; ground truth
+        labels [n], masks bool [n, H, W], sem_seg [H, W]."""
+        query, target = self.matcher({"pred_logits": pred_logits[None], "pred_masks": pred_masks[None]},
+                                      [{"labels": labels, "masks": masks}])[0]
+        query, target = query.to(pred_logits.device), target.to(pred_logits.device)
+        gt_labels, gt_masks = labels[target], masks[target].bool()
+        self.correct += int((pred_logits[query].argmax(-1) == gt_labels).sum())
+        binary = pred_masks[query] > 0
+        inter = (binary & gt_masks).flatten(1).sum(1)
+        union = (binary | gt_masks).flatten(1).sum(1)
+        self.iou_sum += float((inter / union.clamp(min=1)).sum())
+        self.matched += len(query)
+
+        oracle_logits = pred_logits.clone()
+        oracle_logits[query] = -_SURE
+        oracle_logits[query, gt_labels] = _SURE
+        oracle_masks = pred_masks.clone()
+        oracle_masks[query] = torch.where(gt_masks, _SURE, -_SURE)
+        for name, (lg, mk) in {"predicted": (pred_logits, pred_masks), "oracle_class": (oracle_logits, pred_masks),
+                               "oracle_mask": (pred_logits, oracle_masks)}.items():
+            self.semantic[name].update(semantic_inference(lg, mk).argmax(0).cpu(), sem_seg.cpu())
+
+    def compute(self) -> dict:
+        """{"class_acc", "mask_iou", "mIoU", "pixel_acc", "oracle_class_mIoU", "oracle_mask_mIoU",
+        "matched_segments"}; percentages (nan when nothing was matched)."""
+        scores = {name: ev.compute() for name, ev in self.semantic.items()}
+        nan = float("nan")
+        return {"class_acc": 100.0 * self.correct / self.matched if self.matched else nan,
+                "mask_iou": 100.0 * self.iou_sum / self.matched if self.matched else nan,
+                "mIoU": scores["predicted"]["mIoU"], "pixel_acc": scores["predicted"]["pixel_acc"],
+                "oracle_class_mIoU": scores["oracle_class"]["mIoU"],
+                "oracle_mask_mIoU": scores["oracle_mask"]["mIoU"], "matched_segments": self.matched}
+
+
+def matching_diagnostic(model: nn.Module, dataset: Any, cfg: TrainConfig, matcher: HungarianMatcher | None = None,
+                        device: torch.device | str = "cpu", max_images: int | None = None) -> dict:
+    """The diagnostic of `model` on `dataset` (built without transform), tested as `evaluate` tests it:
+    the image resized to cfg.test_short_side, predictions resized back to the label's size.
+
+    Returns MatchingDiagnostic.compute() plus {"applicable": True, "num_images"} for MaskFormer;
+    {"applicable": False, "num_images", "mIoU", "pixel_acc"} for per-pixel models.
+    """
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    mask_classification = model.cfg.arch == "maskformer"
+    diag = MatchingDiagnostic(dataset.num_classes, dataset.ignore_label, matcher or HungarianMatcher())
+    semseg = SemSegEvaluator(dataset.num_classes, dataset.ignore_label)
+    count = len(dataset) if max_images is None else min(max_images, len(dataset))
+    for index in range(count):
+        sample = dataset[index]
+        gt = sample["sem_seg"]
+        out_size = tuple(gt.shape[-2:])
+        resized = resize_shortest_edge(sample["image"].to(device), cfg.test_short_side, cfg.max_size)
+        if mask_classification:
+            logits, masks = mask_predictions(model, resized, out_size)
+            diag.update(logits, masks, sample["labels"].to(device), sample["masks"].to(device), gt)
+        else:
+            with torch.inference_mode():
+                semseg.update(predict_semantic(model, resized, out_size).argmax(0).cpu(), gt)
+    model.train(was_training)
+    if mask_classification:
+        return {"applicable": True, "num_images": count, **diag.compute()}
+    scores = semseg.compute()
+    return {"applicable": False, "num_images": count, "mIoU": scores["mIoU"], "pixel_acc": scores["pixel_acc"]}
+
+
+def diagnose_checkpoint(checkpoint: str | Path, data_root: str | Path | None = None, split: str = "val",
+                        device: str = "auto", max_images: int | None = None) -> dict:
+    """`matching_diagnostic` of an mfcore checkpoint on its preset's dataset, with the checkpoint's
+    matching cost weights. Returns that dict plus {"checkpoint", "iteration", "split"}."""
+    model, ckpt = load_trained_model(checkpoint)
+    _, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
+    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
+                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    run_device = resolve_device(device)
+    matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_mask, loss_cfg.cost_dice)
+    result = matching_diagnostic(model.to(run_device), dataset, train_cfg, matcher, run_device, max_images)
+    return {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, **result}
