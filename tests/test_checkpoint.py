@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from mfcore.files import json_safe
 from mfcore.config import ModelConfig
+from mfcore.files import json_safe
 from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
 from mfcore.training import checkpoint as ck

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from mfcore.companion.diagnostics import MatchingDiagnostic, matching_diagnostic
 from mfcore.data import build_dataset, make_synthetic
-from mfcore.diagnostics import MatchingDiagnostic, matching_diagnostic
 from mfcore.matcher import HungarianMatcher
-from mfcore.models import build_model
+from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
 
 

@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import configs_from_checkpoint, load_trained_model
-from .config import TrainConfig
-from .evaluate import mask_predictions
-from .inference import predict_semantic, resize_shortest_edge, semantic_inference
-from .matcher import HungarianMatcher
-from .metrics import SemSegEvaluator
-from .runtime import build_run_dataset, resolve_device
+from mfcore.config import TrainConfig
+from mfcore.inference import predict_semantic, resize_shortest_edge, semantic_inference
+from mfcore.matcher import HungarianMatcher
+from mfcore.metrics import SemSegEvaluator
+from mfcore.training.checkpoint import configs_from_checkpoint, load_trained_model
+from mfcore.training.evaluate import mask_predictions
+from mfcore.training.runtime import build_run_dataset, resolve_device
 
 _SURE = 50.0  # a logit that sigmoid / softmax read as certain
 
