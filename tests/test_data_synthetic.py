@@ -222,6 +222,7 @@ def test_long_tailed_class_frequencies():
     ({"design": "hue", "class_freq_exponent": float("nan")}, "class_freq_exponent"),
     ({"design": "hue", "num_primitives": 5}, "num_primitives"),
     ({"design": "hue", "hue_noise": 0.0}, "hue_noise"),
+    ({"design": "hue", "hue_context": -1}, "hue_context"),
 ])
 def test_bad_design_arguments_raise(kwargs, words):
     with pytest.raises(ValueError, match=words):
@@ -246,3 +247,25 @@ def test_hue_classes_need_the_region_at_32_and_boxes_get_worse_with_k():
     assert at32["region"]["pixel_acc"] > at32["box_9"]["pixel_acc"] + 30
     box = [results[k]["box_9"]["pixel_acc"] for k in (8, 32, 128)]
     assert box[0] > box[1] + 15 and box[1] > box[2] + 15
+
+
+def test_hue_context_puts_only_hue_neighbours_in_a_scene():
+    design = design_classes(32, 13, seed=0, design="hue", hue_context=4)
+    step = 360.0 / 32
+    for i in range(30):
+        _, segments, classes = render_scene(design, np.random.default_rng([0, 1, i]))
+        hues = [design.class_hue[k] for k in classes]
+        spread = max(abs((a - b + 180.0) % 360.0 - 180.0) for a in hues for b in hues) if hues else 0.0
+        assert spread <= 8 * step + 1e-6  # two classes at most 4 steps either side of one anchor
+    assert len(design.neighbours(0)) == 9
+    independent = design_classes(32, 13, seed=0, design="hue")
+    assert independent.context == 0 and "context" in independent.to_json()
+
+
+def test_image_context_explains_little_once_hue_neighbours_share_a_scene():
+    """Knowing which classes an image holds (what PerPixelBaseline+'s class queries can learn) nearly solves
+    independent scenes at K = 32, but not scenes of hue neighbours, where only the segment's statistic does."""
+    independent = separability("hue", 32, num_scenes=40, boxes=(9,))
+    context = separability("hue", 32, num_scenes=40, boxes=(9,), hue_context=4)
+    assert independent["box_9_in_image"]["mIoU"] > context["box_9_in_image"]["mIoU"] + 8
+    assert context["region"]["mIoU"] > context["box_9_in_image"]["mIoU"] + 30

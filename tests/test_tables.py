@@ -5,6 +5,7 @@ import pytest
 
 from mfcore.cli import main
 from mfcore.companion.experiments import make_context
+from mfcore.companion import tables
 from mfcore.companion.tables import RUNS, planned_runs
 
 
@@ -24,7 +25,8 @@ def test_planned_runs_cover_each_table_once(smoke):
     queries = {s.name for s in planned_runs(smoke, ["table_queries"])}
     extra = [n for n in smoke.profile.query_counts if n != smoke.profile.num_queries]
     assert len(queries) == 2 + len(extra) and len(queries - table2) == len(extra)
-    assert set(RUNS) == {"table1", "table2", "table3", "table4", "table5", "table7", "table8", "table_queries"}
+    assert set(RUNS) == {"table1", "table2", "table3", "table4", "table5", "table7", "table8", "table_queries",
+                         "table_boundary"}
     with pytest.raises(ValueError, match="table9"):
         planned_runs(smoke, ["table9"])
 
@@ -69,3 +71,28 @@ def test_reproduce_with_workers_trains_every_planned_run_first(tmp_path, monkeyp
     assert summary["parallel_training_seconds"] > 0 and list(summary["notebooks"]) == ["01_trivial.ipynb"]
     ctx = make_context("smoke", str(results))
     assert all((ctx.runs_dir / s.name / "final.json").is_file() for s in planned_runs(ctx))
+
+
+def test_a_profile_trains_only_its_tables_and_says_so(smoke):
+    import dataclasses
+
+    only = dataclasses.replace(smoke, profile=dataclasses.replace(smoke.profile, tables=("table2",)))
+    assert {s.name for s in planned_runs(only)} == {s.name for s in planned_runs(smoke, ["table2"])}
+    skipped = tables.table5(only)
+    assert skipped.frame.empty and "does not train" in skipped.notes[0]
+    assert tables.write_table(skipped, only.results_dir) == []
+
+
+def test_table2_verdict_reads_the_gap_at_the_smallest_and_largest_k():
+    import pandas as pd
+
+    def frame(gaps):
+        rows = []
+        for k, gap in gaps.items():
+            rows += [{"K": k, "model": "PerPixelBaseline+", "mIoU ours": 50.0, "PQ^St ours": 40.0},
+                     {"K": k, "model": "MaskFormer", "mIoU ours": 50.0 + gap, "PQ^St ours": 40.0 + gap}]
+        return pd.DataFrame(rows)
+
+    assert all(line.startswith("HOLDS") for line in tables.table2_verdict(frame({8: 0.5, 32: 1.0, 64: 3.0})))
+    assert all(line.startswith("DOES NOT HOLD") for line in tables.table2_verdict(frame({8: 4.0, 32: 1.0, 64: 2.0})))
+    assert all(line.startswith("DOES NOT HOLD") for line in tables.table2_verdict(frame({8: -4.0, 64: -1.0})))

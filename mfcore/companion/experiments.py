@@ -52,15 +52,20 @@ class Context:
         return Path(self.results_dir) / "runs" / self.profile.name
 
 
-def synthetic_root(ctx: Context, num_classes: int) -> Path:
-    """The profile's synthetic scenes with K classes (semantic + panoptic layouts), generated once."""
+def synthetic_root(ctx: Context, num_classes: int, design: str | None = None) -> Path:
+    """The profile's synthetic scenes with K classes (semantic + panoptic layouts), generated once; `design`
+    replaces the profile's scene design (the other scene parameters stay the profile's)."""
     from mfcore.data import make_synthetic
 
     p = ctx.profile
-    root = Path(ctx.cache_dir) / f"{p.name}-s{p.image_size}-n{p.num_train}-k{num_classes}"
+    design = design or p.design
+    context = p.hue_context if design == "hue" else 0
+    tag = f"hue-c{context}" if design == "hue" else design
+    root = Path(ctx.cache_dir) / f"{p.name}-{tag}-s{p.image_size}-n{p.num_train}-k{num_classes}"
     if not (root / "DONE").is_file():
         make_synthetic(root, num_classes=num_classes, num_train=p.num_train, num_val=p.num_val,
-                       image_size=p.image_size, seed=0, kind="both")
+                       image_size=p.image_size, seed=0, kind="both", design=design,
+                       class_freq_exponent=p.class_freq_exponent, hue_noise=p.hue_noise, hue_context=context)
         (root / "DONE").write_text("complete\n")  # written last: a half-generated set is regenerated
     return root
 
@@ -70,25 +75,31 @@ def pretrained_backbone(ctx: Context) -> str:
     from mfcore.training.pretrain import pretrain_backbone
 
     cfg = dataclasses.replace(ctx.profile.pretrain, backbone=ctx.profile.backbone)
-    tag = f"{cfg.backbone}-p{cfg.num_primitives}-n{cfg.num_train}-i{cfg.iters}-s{cfg.seed}"
+    classes = f"h{cfg.num_hues}" if cfg.design == "hue" else f"p{cfg.num_primitives}"
+    tag = f"{cfg.backbone}-{classes}-n{cfg.num_train}-i{cfg.iters}-s{cfg.seed}"
     out = Path(ctx.cache_dir) / "pretrained" / f"{tag}.pt"
     pretrain_backbone(cfg, out, Path(ctx.cache_dir) / "pretrained" / f"data-{tag}", ctx.device, ctx.progress)
     return str(out)
 
 
 def synthetic_spec(ctx: Context, model: str, num_classes: int | None = None, seed: int = 0, panoptic: bool = False,
-                   tag: str = "", **model_overrides: Any) -> RunSpec:
-    """A run of small preset `synthetic[-panoptic]-<model>-<backbone>` on the profile's scenes with K classes."""
+                   tag: str = "", design: str | None = None, **model_overrides: Any) -> RunSpec:
+    """A run of small preset `synthetic[-panoptic]-<model>-<backbone>` on the profile's scenes with K classes
+    (of another scene design than the profile's with `design`)."""
     p = ctx.profile
     k = num_classes or p.base_classes
     dataset = "synthetic-panoptic" if panoptic else "synthetic"
-    overrides = {"pretrained": pretrained_backbone(ctx), **model_overrides}
+    # one protocol for every model of a table: the same backbone, width, data, lr, schedule and iterations
+    overrides = {"pretrained": pretrained_backbone(ctx), "hidden_dim": p.width, "nheads": max(1, p.width // 16),
+                 **model_overrides}
     if model in ("maskformer", "maskformer-boxmatch") and "num_queries" not in overrides:
         overrides["num_queries"] = p.num_queries
     train = {"iters": p.iters, "batch_size": p.batch_size, "lr": p.lr, "seed": seed,
-             "checkpoint_period": max(1, p.iters // 4), "num_workers": 0 if p.name == "smoke" else 2}
-    name = f"{dataset}-k{k}-{model}{('-' + tag) if tag else ''}-s{seed}"
-    return RunSpec(name, f"{dataset}-{model}-{p.backbone}", str(synthetic_root(ctx, k)), train, overrides)
+             "checkpoint_period": max(1, p.iters // 4), "num_workers": 0 if p.name == "smoke" else 2,
+             "eval_period": max(1, p.iters // p.curve_points) if p.curve_points > 1 else 0}
+    other = f"-{design}" if design and design != p.design else ""
+    name = f"{dataset}{other}-k{k}-{model}{('-' + tag) if tag else ''}-s{seed}"
+    return RunSpec(name, f"{dataset}-{model}-{p.backbone}", str(synthetic_root(ctx, k, design)), train, overrides)
 
 
 def paper_spec(ctx: Context, preset: str, seed: int = 0, **model_overrides: Any) -> RunSpec:
@@ -186,7 +197,9 @@ def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     failed = []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)  # side-by-side runs share the CPU instead of oversubscribing it
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
+                             initargs=(threads,)) as pool:
         futures = {pool.submit(run, ctx, spec): spec.name for spec in todo}
         for future in as_completed(futures):
             error = future.exception()
@@ -195,6 +208,12 @@ def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
                 failed.append(futures[future])
     if failed:
         raise RuntimeError(f"{len(failed)} run(s) failed: {failed}; finished runs are kept, run again to retry")
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def make_context(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",

@@ -89,3 +89,30 @@ def plot_table2_trend(frame: pd.DataFrame) -> Figure:
         ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def plot_learning_curves(curves: Mapping[int, Mapping[str, Sequence[Sequence[dict]]]], metric: str = "mIoU") -> Figure:
+    """Val `metric` vs iteration, one panel per K, one colour per model, one line per seed.
+
+    curves[K][model] = [records of one seed's `metrics.jsonl` with "type": "eval", ...]. A curve that is
+    still rising at its last point says the run stopped before its plateau."""
+    ks = sorted(curves)
+    fig = Figure(figsize=(3.6 * len(ks), 3.2))
+    axes = np.atleast_1d(fig.subplots(1, len(ks), sharey=True))
+    colors = {}
+    for ax, k in zip(axes, ks):
+        for model, seeds in curves[k].items():
+            color = colors.setdefault(model, f"C{len(colors)}")
+            for i, records in enumerate(seeds):
+                points = sorted((r["iter"], r[metric]) for r in records if r.get("type") == "eval" and metric in r)
+                if points:
+                    x, y = zip(*points)
+                    ax.plot(x, y, marker="o", markersize=3, color=color, alpha=0.9 if i == 0 else 0.5,
+                            label=model if i == 0 else None)
+        ax.set_title(f"K = {k}", fontsize=10)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"val {metric}")
+    axes[-1].legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    return fig

@@ -1,11 +1,10 @@
-"""Profiles: how big the notebooks' experiments are. One notebook, three scales, chosen by papermill.
+"""Profiles: how big the notebooks' experiments are. One notebook, several scales, chosen by papermill.
 
-    smoke  the tests: every notebook end to end in about a minute (numbers meaningless)
-    quick  the embedded default: a laptop CPU, all notebooks in under 25 minutes on 2 cores
-    gpu    more classes, queries and iterations on one GPU, sized to show the paper's trends in about an hour
-           to an hour and a half on one H100 (an estimate from measured throughput; not yet completed on a GPU:
-           see the README)
-    paper  the paper's presets on the real datasets (data_root), full schedules, many GPUs via torchrun
+    smoke   the tests: every notebook end to end in about a minute (numbers meaningless)
+    quick   the embedded default: a laptop CPU, all notebooks in under 25 minutes on 2 cores; Tables 2 and 4
+    laptop  every trained table with three seeds on 2 CPU cores (about two hours)
+    gpu     K up to 128 and the paper's width on one GPU, three seeds (sized by estimate: see the README)
+    paper   the paper's presets on the real datasets (data_root), full schedules, many GPUs via torchrun
 
 Synthetic profiles train the small presets (`synthetic-<model>-<backbone>`) from one backbone pretrained
 once on synthetic classification (mfcore.training.pretrain), the way the paper starts every model from ImageNet.
@@ -17,12 +16,19 @@ from dataclasses import dataclass
 
 from mfcore.training.pretrain import PretrainConfig
 
+QUICK_ITERS = 1500  # chosen from learning curves: see the README, 'Protocol'
+
 
 @dataclass(frozen=True)
 class Profile:
     name: str
     synthetic: bool = True                 # False: the paper's presets on real data under data_root
     backbone: str = "tiny"                 # small preset backbone (synthetic profiles)
+    design: str = "hue"                    # scene design (mfcore.data.synthetic): "hue" tests the paper's mechanism,
+                                           # "pairs" (a class = two texture primitives) is the named variant
+    hue_noise: float = 40.0                # "hue": per-pixel hue std in degrees
+    hue_context: int = 4                   # "hue": a scene's classes lie within this many hue steps of one anchor
+    class_freq_exponent: float = 0.0       # Zipf exponent of the class frequencies (0 = uniform)
     image_size: int = 64                   # synthetic scene size
     num_train: int = 2000                  # synthetic training scenes per dataset
     num_val: int = 200                     # synthetic validation scenes
@@ -30,6 +36,9 @@ class Profile:
     base_classes: int = 32                 # K of the other ablations
     query_counts: tuple[int, ...] = (10, 20, 50)  # number-of-queries ablation (base: 20)
     num_queries: int = 20                  # N of MaskFormer runs
+    width: int = 128                       # transformer width of every compared model (hidden_dim; nheads = width // 16)
+    curve_points: int = 6                  # val evaluations along each run (learning curves), the last at the end
+    tables: tuple[str, ...] = ()           # trained tables this profile runs; () = all of them
     iters: int = 300                       # optimiser steps per training run
     batch_size: int = 16
     lr: float = 1e-3
@@ -42,29 +51,41 @@ class Profile:
     def describe(self) -> str:
         if not self.synthetic:
             return f"profile {self.name}: the paper's presets on real data, full schedules, seeds {list(self.seeds)}"
-        return (f"profile {self.name}: synthetic {self.image_size}x{self.image_size} scenes "
+        return (f"profile {self.name}: synthetic '{self.design}' {self.image_size}x{self.image_size} scenes "
                 f"({self.num_train} train / {self.num_val} val), backbone {self.backbone} pretrained "
-                f"{self.pretrain.iters} iters on synthetic classification, {self.iters} iters x batch "
-                f"{self.batch_size} per model, seeds {list(self.seeds)}")
+                f"{self.pretrain.iters} iters on synthetic classification, width {self.width}, {self.iters} iters x "
+                f"batch {self.batch_size}, lr {self.lr:g} for every model, seeds {list(self.seeds)}")
 
+    def runs_table(self, name: str) -> bool:
+        """Whether this profile trains the runs of table `name` (a notebook shows the others as not run)."""
+        return not self.tables or name in self.tables
+
+
+# The synthetic profiles share one protocol, fixed before their tables were looked at: "hue" scenes (the class is a
+# statistic of the whole segment, see data/README.md), one tiny backbone pretrained on image-level classification
+# of 64 evenly spaced hues (it covers every K <= 64: one "ImageNet" for every setting, as in the paper), width 128
+# and the same lr, batch, schedule and iterations for every model of a table.
+_HUE64 = PretrainConfig(design="hue", num_hues=64, num_train=3000, num_val=300, iters=1500)
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile("smoke", num_train=64, num_val=16, class_counts=(4, 8, 16), base_classes=8,
-                     query_counts=(4, 8), num_queries=8, iters=4, batch_size=4,
-                     pretrain=PretrainConfig(num_primitives=5, num_train=64, num_val=16, iters=4, batch_size=16)),
-    # K = 8, 16, 32 all draw their classes from the same 9-primitive bank (3 hues x 3 patterns) that the
-    # backbone is pretrained on: one "ImageNet" for every setting, as in the paper.
-    "quick": Profile("quick", pretrain=PretrainConfig(num_primitives=9, num_train=3000, num_val=300, iters=1500)),
-    # Sizing (an estimate: not yet run on a GPU). In 1200-iteration CPU runs (batch 16) MaskFormer caught up
-    # with PerPixelBaseline+ at K=8 and 16 but not yet at 32, so this profile keeps the quick profile's K and
-    # gives each run 2500 iterations of batch 32, 4.2x those images. Its 17 runs make 42,500 steps; one H100
-    # ran ~16 steps/s in all with 13 small runs of mixed models side by side (each step is ~8,500 launch-bound
-    # kernel calls); a MaskFormer run with N=100 and batch 32 ran 8.3 steps/s alone and 9.1 in all with 4 side
-    # by side: 45-85 min of training after ~4 min of data and pretraining. One seed: three would take 3-4 hours.
-    "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 16, 32), base_classes=32,
-                   query_counts=(20, 50, 100, 200), num_queries=100, iters=2500, batch_size=32, seeds=(0,),
-                   pretrain=PretrainConfig(num_primitives=9, num_train=50000, num_val=2000, iters=6000,
-                                           batch_size=256), device="cuda", parallel_runs=4),
+                     query_counts=(4, 8), num_queries=8, iters=4, batch_size=4, width=32, curve_points=2,
+                     pretrain=PretrainConfig(design="hue", num_hues=16, num_train=64, num_val=16, iters=4,
+                                             batch_size=16)),
+    # Laptop CPU, under 25 minutes on 2 cores from a fresh clone: Table 2 at three K and Table 4 (Table VII
+    # re-reads Table 4's checkpoints), one seed, two runs side by side.
+    "quick": Profile("quick", class_counts=(8, 32, 64), iters=QUICK_ITERS, pretrain=_HUE64, parallel_runs=2,
+                     tables=("table2", "table4", "table7")),
+    # Every trained table, three seeds, the same protocol as quick: about two hours on 2 cores.
+    "laptop": Profile("laptop", class_counts=(8, 32, 64), iters=QUICK_ITERS, seeds=(0, 1, 2), pretrain=_HUE64,
+                      parallel_runs=2),
+    # One GPU: K up to 128, the paper's width 256 and N = 100, three seeds, many runs side by side (each small
+    # run alone leaves the GPU idle). Not yet run on a GPU: its size is an estimate.
+    "gpu": Profile("gpu", num_train=8000, num_val=500, class_counts=(8, 32, 128), base_classes=32,
+                   query_counts=(20, 50, 100), num_queries=100, width=256, iters=2000, batch_size=32,
+                   seeds=(0, 1, 2), device="cuda", parallel_runs=8,
+                   pretrain=PretrainConfig(design="hue", num_hues=128, num_train=20000, num_val=1000, iters=3000,
+                                           batch_size=256)),
     "paper": Profile("paper", synthetic=False, seeds=(0, 1, 2), num_queries=100, device="cuda"),
 }
 

@@ -8,6 +8,7 @@ datasets: read the *trends* (the gaps between models), not the absolute values.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
 import time
 from dataclasses import dataclass, field
@@ -42,7 +43,10 @@ class Table:
 
 
 def write_table(table: Table, results_dir: str | Path) -> list[Path]:
-    """Write `<results_dir>/tables/<name>.csv` and `.md` atomically (never a half-written table)."""
+    """Write `<results_dir>/tables/<name>.csv` and `.md` atomically (never a half-written table); a table
+    this profile does not train (no rows) writes nothing."""
+    if table.frame.empty:
+        return []
     folder = Path(results_dir) / "tables"
     buf = io.StringIO()
     table.frame.to_csv(buf, index=False)
@@ -51,6 +55,21 @@ def write_table(table: Table, results_dir: str | Path) -> list[Path]:
     for path, text in zip(paths, (buf.getvalue(), table.markdown())):
         write_text(path, text)
     return paths
+
+
+def trained(name: str, title: str) -> Callable[[Callable[[Context], Table]], Callable[[Context], Table]]:
+    """A trained table: run only where the profile trains it (`Profile.tables`); elsewhere an empty table that
+    says which profiles do."""
+    def wrap(make: Callable[[Context], Table]) -> Callable[[Context], Table]:
+        @functools.wraps(make)
+        def table(ctx: Context) -> Table:
+            if ctx.profile.runs_table(name):
+                return make(ctx)
+            return Table(name, title, pd.DataFrame(), f"not run in profile {ctx.profile.name}",
+                         [f"Profile {ctx.profile.name} does not train this table (its budget goes to Tables 2 and 4); "
+                          f"the laptop profile runs it: results/laptop/tables/{name}.md"])
+        return table
+    return wrap
 
 
 def provenance(ctx: Context, start: float, runs_seconds: float, extra: str = "") -> str:
@@ -83,6 +102,33 @@ def _settings(ctx: Context) -> list[tuple[int | None, str]]:
 def _sem(result: dict) -> tuple[float, float]:
     s = result["semantic"]
     return s["mIoU"], s["PQ_St"]
+
+
+def _spread(result: dict, key: str, part: str = "semantic") -> str:
+    """The seeds' range of `key`, "min-max" (one seed: its value), for the tables' spread columns."""
+    values = result.get(f"{part}_per_seed", {}).get(key) or [result[part][key]]
+    return f"{min(values):.1f}-{max(values):.1f}" if len(values) > 1 else f"{values[0]:.1f}"
+
+
+def _claim(holds: bool, text: str) -> str:
+    return f"{'HOLDS' if holds else 'DOES NOT HOLD'} in this run: {text}"
+
+
+def table2_verdict(frame: pd.DataFrame) -> list[str]:
+    """Whether Table 2's claim holds in `frame` (table2's rows): MaskFormer - PerPixelBaseline+ positive at the
+    largest K and larger there than at the smallest K, in mIoU and in PQ^St."""
+    lines = []
+    for metric in ("mIoU", "PQ^St"):
+        gap = {}
+        for k, rows in frame.groupby("K"):
+            by_model = dict(zip(rows["model"], rows[f"{metric} ours"]))
+            gap[k] = by_model[MODEL_NAMES["maskformer"]] - by_model[MODEL_NAMES["perpixelplus"]]
+        small, large = min(gap), max(gap)
+        holds = gap[large] > 0 and gap[large] > gap[small]
+        gaps = ", ".join(f"K={k}: {g:+.1f}" for k, g in sorted(gap.items()))
+        lines.append(_claim(holds, f"{metric} of MaskFormer - PerPixelBaseline+ ({gaps}); the paper wants it positive "
+                                   f"at the largest K and larger than at the smallest"))
+    return lines
 
 
 MODEL_NAMES = {"perpixel": "PerPixelBaseline", "perpixelplus": "PerPixelBaseline+", "maskformer": "MaskFormer",
@@ -139,10 +185,11 @@ def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise ValueError(f"unknown table(s) {unknown}: expected some of {list(RUNS)}")
-    specs = {s.name: s for n in names for group in RUNS[n](ctx).values() for s in group}
+    specs = {s.name: s for n in names if ctx.profile.runs_table(n) for group in RUNS[n](ctx).values() for s in group}
     return list(specs.values())
 
 
+@trained("table2", "Table 2: per-pixel vs mask classification (mIoU / PQ^St)")
 def table2(ctx: Context) -> Table:
     """Table 2: per-pixel vs mask classification as the number of classes grows."""
     start, seconds, rows = time.perf_counter(), 0.0, []
@@ -157,15 +204,31 @@ def table2(ctx: Context) -> Table:
             p_miou, p_pq = paper.TABLE2[model][dataset]
             rows.append({"K": k if k else dict(paper.TABLE2_DATASETS)[dataset], "model": MODEL_NAMES[model],
                          "paper setting": f"{dataset} ({dict(paper.TABLE2_DATASETS)[dataset]} classes)",
-                         "mIoU paper": p_miou, "mIoU ours": miou, "mIoU delta": miou - p_miou,
-                         "PQ^St paper": p_pq, "PQ^St ours": pq_st, "PQ^St delta": pq_st - p_pq,
+                         "mIoU paper": p_miou, "mIoU ours": miou, "mIoU seeds": _spread(result, "mIoU"),
+                         "mIoU delta": miou - p_miou, "PQ^St paper": p_pq, "PQ^St ours": pq_st,
+                         "PQ^St seeds": _spread(result, "PQ_St"), "PQ^St delta": pq_st - p_pq,
                          "gap to PerPixelBaseline+ paper": p_miou - base_paper,
                          "gap to PerPixelBaseline+ ours": miou - base_ours})
-    notes = ["The paper's claim: MaskFormer beats PerPixelBaseline+ and the gap grows with the number of classes."]
-    return Table("table2", "Table 2: per-pixel vs mask classification (mIoU / PQ^St)", pd.DataFrame(rows),
+    frame = pd.DataFrame(rows)
+    notes = ["The paper's claim: MaskFormer beats PerPixelBaseline+ and the gap grows with the number of classes.",
+             *table2_verdict(frame)]
+    return Table("table2", "Table 2: per-pixel vs mask classification (mIoU / PQ^St)", frame,
                  provenance(ctx, start, seconds), notes)
 
 
+def table2_curves(ctx: Context) -> dict:
+    """Learning curves of Table 2's runs: {K: {model name: [eval records of each seed's metrics.jsonl]}}."""
+    from mfcore.training.train import read_metrics
+
+    curves: dict = {}
+    for (k, dataset, model), specs in _runs_table2(ctx).items():
+        key = k if k else dict(paper.TABLE2_DATASETS)[dataset]
+        runs = [ctx.runs_dir / s.name / "metrics.jsonl" for s in specs]
+        curves.setdefault(key, {})[MODEL_NAMES[model]] = [read_metrics(r) for r in runs if r.is_file()]
+    return curves
+
+
+@trained("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)")
 def table4(ctx: Context) -> Table:
     """Table 4: (a) per-pixel vs mask classification with the same fixed matching; (b) fixed vs bipartite."""
     start, k = time.perf_counter(), ctx.profile.base_classes
@@ -176,14 +239,21 @@ def table4(ctx: Context) -> Table:
         p_miou, p_pq = paper.TABLE4[model]
         rows.append({"model": MODEL_NAMES[model], "matching": {"perpixelplus": "per-pixel (N=K)",
                      "maskformer-fixed": "fixed (N=K)", "maskformer": "bipartite"}[model],
-                     "mIoU paper": p_miou, "mIoU ours": miou, "mIoU delta": miou - p_miou,
-                     "PQ^St paper": p_pq, "PQ^St ours": pq_st, "PQ^St delta": pq_st - p_pq})
+                     "mIoU paper": p_miou, "mIoU ours": miou, "mIoU seeds": _spread(result, "mIoU"),
+                     "mIoU delta": miou - p_miou, "PQ^St paper": p_pq, "PQ^St ours": pq_st,
+                     "PQ^St seeds": _spread(result, "PQ_St"), "PQ^St delta": pq_st - p_pq})
     seconds = sum(r["seconds"] for r in results.values())
-    return Table("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)", pd.DataFrame(rows),
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
-                 ["The paper's claim: bipartite matching beats fixed matching, which beats per-pixel classification."])
+    frame = pd.DataFrame(rows)
+    notes = ["The paper's claim: bipartite matching beats fixed matching, which beats per-pixel classification."]
+    for metric in ("mIoU", "PQ^St"):
+        pp, fixed, bip = (float(frame.loc[frame["model"] == MODEL_NAMES[m], f"{metric} ours"].iloc[0])
+                          for m in TABLE4_MODELS)
+        notes.append(_claim(bip >= fixed > pp, f"{metric}: bipartite {bip:.1f}, fixed {fixed:.1f}, per-pixel {pp:.1f}"))
+    return Table("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)", frame,
+                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"), notes)
 
 
+@trained("table_queries", "Number of queries (mIoU / PQ^St)")
 def table_queries(ctx: Context) -> Table:
     """Number of queries. Synthetic runs are matched to the paper's rows by the ratio N/K."""
     start, k = time.perf_counter(), ctx.profile.base_classes
@@ -210,6 +280,7 @@ def table_queries(ctx: Context) -> Table:
                  ["The paper: about 100 queries (N/K = 0.67 on ADE20K) work best; very many queries hurt."])
 
 
+@trained("table8", "Table VIII: transformer decoder layers (semantic)")
 def table8(ctx: Context) -> Table:
     """Table VIII: decoder layers, with and without self-attention (semantic metrics)."""
     start, k = time.perf_counter(), ctx.profile.base_classes
@@ -226,6 +297,7 @@ def table8(ctx: Context) -> Table:
                  ["Panoptic columns of Table VIII are not regenerated (the synthetic profiles train semantic runs here)."])
 
 
+@trained("table5", "Table 5: matching with boxes vs masks (panoptic)")
 def table5(ctx: Context) -> Table:
     """Table 5: box matching vs mask matching, panoptic quality (synthetic panoptic scenes or COCO)."""
     start, k = time.perf_counter(), ctx.profile.base_classes
@@ -235,11 +307,18 @@ def table5(ctx: Context) -> Table:
         seconds += result["seconds"]
         pan, p = result["panoptic"], paper.TABLE5[model]
         rows.append({"matching": "box" if "box" in model else "mask",
-                     "PQ paper": p[0], "PQ ours": pan["PQ"], "PQ delta": pan["PQ"] - p[0],
-                     "PQ^Th paper": p[1], "PQ^Th ours": pan["PQ_Th"], "PQ^St paper": p[2], "PQ^St ours": pan["PQ_St"]})
-    return Table("table5", "Table 5: matching with boxes vs masks (panoptic)", pd.DataFrame(rows),
+                     "PQ paper": p[0], "PQ ours": pan["PQ"], "PQ seeds": _spread(result, "PQ", "panoptic"),
+                     "PQ delta": pan["PQ"] - p[0], "PQ^Th paper": p[1], "PQ^Th ours": pan["PQ_Th"],
+                     "PQ^St paper": p[2], "PQ^St ours": pan["PQ_St"]})
+    frame = pd.DataFrame(rows)
+    box, mask = (frame.loc[frame["matching"] == m].iloc[0] for m in ("box", "mask"))
+    notes = ["The paper: mask matching beats box matching, most for stuff (PQ^St), whose boxes are uninformative.",
+             _claim(mask["PQ ours"] > box["PQ ours"] > 0,
+                    f"PQ mask {mask['PQ ours']:.1f} vs box {box['PQ ours']:.1f}; PQ^St mask {mask['PQ^St ours']:.1f} "
+                    f"vs box {box['PQ^St ours']:.1f}")]
+    return Table("table5", "Table 5: matching with boxes vs masks (panoptic)", frame,
                  provenance(ctx, start, seconds, f"synthetic panoptic, K={k}" if ctx.profile.synthetic else "COCO"),
-                 ["The paper: mask matching beats box matching, most for stuff (PQ^St), whose boxes are uninformative."])
+                 notes)
 
 
 def model_size_table(ctx: Context, name: str, presets: dict, title: str, score_columns) -> Table:
@@ -285,6 +364,7 @@ def table3(ctx: Context) -> Table:
     return model_size_table(ctx, "table3", paper.TABLE3, "Table 3: MaskFormer on COCO panoptic val", scores)
 
 
+@trained("table7", "Table VII: semantic vs general inference (mIoU / PQ^St / SQ^St / RQ^St)")
 def table7(ctx: Context) -> Table:
     """Table VII: one MaskFormer read out with semantic vs general inference, beside PerPixelBaseline+."""
     from mfcore.training.evaluate import evaluate
@@ -318,11 +398,53 @@ def table7(ctx: Context) -> Table:
                  ["The paper: general inference (threshold 0.3) trades mIoU for PQ^St: fewer false-positive segments."])
 
 
+BOUNDARY_MODELS = ("perpixelplus", "maskformer")
+
+
+def _runs_boundary(ctx: Context) -> dict:
+    if not ctx.profile.synthetic:
+        return {}
+    return {(design, m): [synthetic_spec(ctx, m, ctx.profile.base_classes, seed, design=design)
+                          for seed in ctx.profile.seeds]
+            for design in ("hue", "pairs") for m in BOUNDARY_MODELS}
+
+
+@trained("table_boundary", "Where per-pixel classification wins: a class as a conjunction of two parts")
+def table_boundary(ctx: Context) -> Table:
+    """The same two models and protocol on the two scene designs, with MaskFormer's matching diagnostic: on
+    "pairs" scenes a class is a conjunction of two texture primitives, a harder thing for a class-agnostic
+    query to name than the statistic of a segment ("hue")."""
+    from mfcore.companion.diagnostics import diagnose_checkpoint
+
+    start, k = time.perf_counter(), ctx.profile.base_classes
+    rows, seconds = [], 0.0
+    for (design, model), specs in _runs_boundary(ctx).items():
+        result = run_seeds(ctx, specs)
+        seconds += result["seconds"]
+        row = {"scene design": design, "model": MODEL_NAMES[model], "mIoU": result["semantic"]["mIoU"],
+               "mIoU seeds": _spread(result, "mIoU"), "PQ^St": result["semantic"]["PQ_St"]}
+        if model == "maskformer":
+            diag = [diagnose_checkpoint(ctx.runs_dir / s.name / "last.pt", s.data_root, device=ctx.device)
+                    for s in specs]
+            for key, label in (("class_acc", "matched class acc."), ("mask_iou", "matched mask IoU"),
+                               ("oracle_class_mIoU", "mIoU, true classes")):
+                row[label] = float(pd.Series([d[key] for d in diag]).median())
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    notes = []
+    for design in ("hue", "pairs"):
+        mine = frame[frame["scene design"] == design].set_index("model")["mIoU"]
+        gap = mine[MODEL_NAMES["maskformer"]] - mine[MODEL_NAMES["perpixelplus"]]
+        notes.append(f"{design}: MaskFormer - PerPixelBaseline+ = {gap:+.1f} mIoU")
+    return Table("table_boundary", "Where per-pixel classification wins: a class as a conjunction of two parts",
+                 frame, provenance(ctx, start, seconds, f"K={k}, both designs"), notes)
+
+
 # the runs behind each table (table7 reads the checkpoints of table4's runs)
 RUNS: dict[str, Callable[[Context], dict]] = {
     "table1": _runs_model_size(paper.TABLE1), "table2": _runs_table2, "table3": _runs_model_size(paper.TABLE3),
     "table4": _runs_table4, "table5": _runs_table5, "table7": _runs_table4, "table8": _runs_table8,
-    "table_queries": _runs_queries}
+    "table_queries": _runs_queries, "table_boundary": _runs_boundary}
 TABLES: dict[str, Callable[[Context], Table]] = {
     "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table7": table7,
-    "table8": table8, "table_queries": table_queries}
+    "table8": table8, "table_queries": table_queries, "table_boundary": table_boundary}

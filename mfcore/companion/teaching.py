@@ -7,6 +7,7 @@ mfcore.companion.viz) and never show anything.
     01  toy_example, plot_formulations           one 8x8 image in both formulations
         ambiguous_scene, plot_ambiguous_scene,   why one label per segment helps when K is large
         ambiguity_vs_classes
+        plot_scene_designs, separability_table   the scenes the tables train on, and what pooling buys there
     02  shape_table, paper_models_table           shapes through a model; params/FLOPs vs the paper
     01-03  synthetic_batch, loss_table             a batch of synthetic scenes; a criterion's terms as a table
 Notebook 03's matching and loss demos are in mfcore.teaching_matching.
@@ -186,6 +187,42 @@ def ambiguity_vs_classes(class_counts: Sequence[int] = (4, 8, 32, 128), scenes: 
         p = d["design"].num_primitives
         rows.append({"K": k, "primitives": p, "classes per primitive": 2 * k / p,
                      "per-pixel accuracy": correct_pixel / total, "pooled accuracy": correct_pooled / total})
+    return pd.DataFrame(rows)
+
+
+def plot_scene_designs(num_classes: int = 32, scenes: int = 6, hue_context: int = 4, seed: int = 0) -> Figure:
+    """Sample scenes of the two designs with their label maps: "pairs" (a class = two texture primitives)
+    and "hue" (a class = a hue statistic of the segment; the scene's classes hue neighbours)."""
+    designs = {"pairs": design_classes(num_classes, round(0.4 * num_classes), seed),
+               "hue": design_classes(num_classes, round(0.4 * num_classes), seed, design="hue",
+                                     hue_context=hue_context)}
+    fig = Figure(figsize=(1.6 * scenes, 6.8))
+    axes = fig.subplots(4, scenes)
+    for r, (name, design) in enumerate(designs.items()):
+        for c in range(scenes):
+            image, segments, classes = render_scene(design, np.random.default_rng([seed, 1, c]))
+            labels = np.array([255] + classes)[segments]
+            axes[2 * r, c].imshow(image)
+            axes[2 * r + 1, c].imshow(colorize(labels, num_classes))
+            bare_axes(axes[2 * r, c], f"{name}: image" if c == 0 else "")
+            bare_axes(axes[2 * r + 1, c], f"{name}: classes" if c == 0 else "")
+    fig.suptitle(f"K = {num_classes}: scene designs (labels coloured by class, void black)", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def separability_table(class_counts: Sequence[int] = (8, 32, 64), scenes: int = 100, hue_context: int = 4) -> pd.DataFrame:
+    """What a class statistic computed over a 9x9 box, over that box among the image's classes, or over the
+    whole segment can tell, with no learning (mfcore.data.separability), per K: pixel accuracy and mIoU."""
+    from mfcore.data.separability import separability
+
+    rows = []
+    for k in class_counts:
+        r = separability("hue", k, num_scenes=scenes, boxes=(9,), hue_context=hue_context)
+        rows.append({"K": k, **{f"{label} {metric}": r[key][m]
+                                for key, label in (("box_9", "9x9 box"), ("box_9_in_image", "9x9 box, image's classes"),
+                                                   ("region", "segment"))
+                                for metric, m in (("acc", "pixel_acc"), ("mIoU", "mIoU"))}})
     return pd.DataFrame(rows)
 
 

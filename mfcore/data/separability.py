@@ -70,22 +70,28 @@ def separability(design: str = "hue", num_classes: int = 32, num_scenes: int = 2
     Scenes are the validation scenes `make_synthetic` would write with the same arguments
     (scene i from default_rng([seed, 1, i])); design_options go to `design_classes`
     (class_freq_exponent, hue_noise, num_primitives). Void pixels are not scored.
+    "box_<s>_in_image" is the same box choosing only among the classes the image holds: what a per-pixel
+    classifier with image-level context (PerPixelBaseline+'s class queries see the whole image) can reach.
     Returns {"design", "num_classes", "num_scenes", "box_<s>": {"pixel_acc", "mIoU"} per s,
-    "region": {"pixel_acc", "mIoU"}}, values in percent (mIoU over classes present, as in
+    "box_<s>_in_image": ..., "region": {"pixel_acc", "mIoU"}}, values in percent (mIoU over classes present, as in
     mfcore.metrics).
     """
     things = round(0.4 * num_classes) if num_things is None else num_things
     classes = design_classes(num_classes, things, seed, design=design, **design_options)
     templates = _templates(classes)
-    names = [f"box_{b}" for b in boxes] + ["region"]
+    names = [f"box_{b}" for b in boxes] + [f"box_{b}_in_image" for b in boxes] + ["region"]
     evaluators = {name: SemSegEvaluator(num_classes, ignore_label=-1) for name in names}
     for i in range(num_scenes):
         image, segments, segment_classes, primitive = render_scene_evidence(classes, np.random.default_rng([seed, 1, i]),
                                                                             size)
         gt = np.array([-1] + segment_classes)[segments]
         features = _features(classes, image, primitive)
-        for box, name in zip(boxes, names):
-            evaluators[name].update((box_sums(features, box) @ templates.T).argmax(-1), gt)
+        present = np.full(num_classes, -np.inf)
+        present[sorted(set(segment_classes))] = 0.0  # the classes this image holds, known to an image-level model
+        for box in boxes:
+            scores = box_sums(features, box) @ templates.T
+            evaluators[f"box_{box}"].update(scores.argmax(-1), gt)
+            evaluators[f"box_{box}_in_image"].update((scores + present).argmax(-1), gt)
         # region: one statistic per segment (index 0, void, is scored nowhere)
         flat = segments.ravel()
         sums = np.zeros((len(segment_classes) + 1, features.shape[-1]))

@@ -111,6 +111,7 @@ class HueDesign:
     class_names: tuple[str, ...]
     class_freq: tuple[float, ...] = ()  # [K] relative frequency of each class; () = uniform
     hue_noise: float = 40.0  # std (degrees) of each pixel's hue around its class hue
+    context: int = 0  # > 0: a scene's classes all lie within `context` hue steps of one anchor class
     name: ClassVar[str] = "hue"
 
     @property
@@ -132,7 +133,13 @@ class HueDesign:
     def to_json(self) -> dict[str, Any]:
         return {"design": self.name, "num_classes": self.num_classes, "class_names": list(self.class_names),
                 "thing_ids": list(self.thing_ids), "class_freq": list(self.class_freq),
-                "class_hue": list(self.class_hue), "hue_noise": self.hue_noise}
+                "class_hue": list(self.class_hue), "hue_noise": self.hue_noise, "context": self.context}
+
+    def neighbours(self, anchor: int) -> list[int]:
+        """Classes whose hue is within `context` steps (360/K degrees each) of class `anchor`'s, anchor included."""
+        step = 360.0 / self.num_classes
+        gap = [abs((h - self.class_hue[anchor] + 180.0) % 360.0 - 180.0) / step for h in self.class_hue]
+        return [k for k, g in enumerate(gap) if g <= self.context + 1e-6]
 
 
 def zipf_frequencies(num_classes: int, num_things: int, exponent: float, rng: np.random.Generator) -> tuple[float, ...]:
@@ -176,7 +183,7 @@ def balanced_pairs(num_primitives: int) -> list[tuple[int, int]]:
 
 def design_classes(num_classes: int, num_things: int, seed: int, num_primitives: int | None = None,
                    design: str = "pairs", class_freq_exponent: float = 0.0,
-                   hue_noise: float = 40.0) -> ClassDesign | HueDesign:
+                   hue_noise: float = 40.0, hue_context: int = 0) -> ClassDesign | HueDesign:
     """The K classes of a scene design (one of DESIGNS); things are classes 0..num_things-1.
 
     "pairs": each class a distinct primitive pair, things a shape (num_primitives: the bank size).
@@ -195,10 +202,12 @@ def design_classes(num_classes: int, num_things: int, seed: int, num_primitives:
             raise ValueError(f"num_primitives applies to the 'pairs' design only, got {num_primitives} with 'hue'")
         if not 0 < hue_noise < 360:
             raise ValueError(f"hue_noise must be in (0, 360) degrees, got {hue_noise}")
+        if hue_context < 0:
+            raise ValueError(f"hue_context must be >= 0 hue steps (0 = classes drawn independently), got {hue_context}")
         hues = tuple(float(j * 360.0 / num_classes) for j in rng.permutation(num_classes))
         names = tuple(f"thing_{k:03d}" if k < num_things else f"stuff_{k:03d}" for k in range(num_classes))
         freq = zipf_frequencies(num_classes, num_things, class_freq_exponent, rng)
-        return HueDesign(hues, num_things, names, freq, float(hue_noise))
+        return HueDesign(hues, num_things, names, freq, float(hue_noise), int(hue_context))
     p = num_primitives or primitives_needed(num_classes)
     if p * (p - 1) // 2 < num_classes:
         raise ValueError(f"{p} primitives give only {p * (p - 1) // 2} pairs, fewer than {num_classes} classes")
@@ -286,6 +295,12 @@ def render_scene_evidence(design: ClassDesign | HueDesign, rng: np.random.Genera
     None for "hue", whose evidence is the image's hue itself.
     """
     stuff, things = design.stuff_ids, design.thing_ids
+    if isinstance(design, HueDesign) and design.context > 0 and dominant_class is None:
+        # confusable context: every segment of the scene takes a class hue-near one anchor class, as similar
+        # classes co-occur in real scenes (wall, building, house): knowing which classes an image holds no
+        # longer tells its segments apart, only each segment's own statistic does
+        near = set(design.neighbours(int(_choose(rng, range(design.num_classes), None, design.class_freq))))
+        stuff, things = [k for k in stuff if k in near], [k for k in things if k in near]
     n_regions = int(rng.integers(2 if dominant_class is None else 1, max_regions + 1))
     regions = _stuff_regions(rng, size, n_regions)
     pool = [k for k in stuff if k != dominant_class]

@@ -112,12 +112,12 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
                    image_size: int = 64, seed: int = 0, kind: str = "both", num_things: int | None = None,
                    num_primitives: int | None = None, max_regions: int = 5, max_things: int = 3,
                    workers: int | None = None, design: str = "pairs", class_freq_exponent: float = 0.0,
-                   hue_noise: float = 40.0) -> ClassDesign | HueDesign:
+                   hue_noise: float = 40.0, hue_context: int = 0) -> ClassDesign | HueDesign:
     """Write num_train + num_val scenes of `num_classes` classes under out_dir (layout above).
 
     kind: "semantic" (ADE20K layout), "panoptic" (COCO panoptic layout) or "both" (same scenes).
     num_things defaults to 40% of the classes; num_primitives ("pairs" only) to the fewest giving K
-    pairs; workers (processes) to the number of CPUs. design, class_freq_exponent, hue_noise: see
+    pairs; workers (processes) to the number of CPUs. design, class_freq_exponent, hue_noise, hue_context: see
     mfcore.data.synthetic.design_classes; synthetic_meta.json records them ("design", "class_freq").
     """
     if kind not in ("semantic", "panoptic", "both"):
@@ -126,7 +126,8 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
     out = Path(out_dir)
     things = round(0.4 * num_classes) if num_things is None else num_things
-    classes = design_classes(num_classes, things, seed, num_primitives, design, class_freq_exponent, hue_noise)
+    classes = design_classes(num_classes, things, seed, num_primitives, design, class_freq_exponent, hue_noise,
+                             hue_context)
     ade, coco = out / "ADEChallengeData2016", out / "coco"
     for split, count in (("train", num_train), ("val", num_val)):
         ade_split, coco_split, _ = _SPLITS[split]
@@ -193,6 +194,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class-freq-exponent", type=float, default=0.0,
                         help="Zipf exponent of the class frequencies (0 = uniform)")
     parser.add_argument("--hue-noise", type=float, default=40.0, help="'hue' only: per-pixel hue std, degrees")
+    parser.add_argument("--hue-context", type=int, default=0,
+                        help="'hue' only: a scene's classes lie within this many hue steps of one anchor (0 = off)")
     parser.add_argument("--workers", type=int, default=None, help="processes; default: all CPUs")
     parser.add_argument("--classification-per-class", type=int, default=0, metavar="N",
                         help="also write about N training images per class of the classification set "
@@ -203,7 +206,7 @@ def main(args: argparse.Namespace) -> None:
     design = make_synthetic(args.out_dir, args.num_classes, args.num_train, args.num_val, args.image_size,
                             args.seed, args.kind, args.num_things, args.num_primitives, workers=args.workers,
                             design=args.design, class_freq_exponent=args.class_freq_exponent,
-                            hue_noise=args.hue_noise)
+                            hue_noise=args.hue_noise, hue_context=args.hue_context)
     bank = f", {design.num_primitives} primitives" if isinstance(design, ClassDesign) else ""
     print(f"wrote {args.num_train} + {args.num_val} '{design.name}' scenes of {design.num_classes} classes "
           f"({len(design.thing_ids)} things{bank}) to {args.out_dir}")

@@ -29,7 +29,9 @@ from mfcore.training.runtime import resolve_device, seed_everything
 @dataclass
 class PretrainConfig:
     backbone: str = "tiny"          # mfcore.backbones name
-    num_primitives: int = 17        # texture bank of the classification images (17 -> 136 pair classes)
+    design: str = "pairs"           # mfcore.data.synthetic design of the classification images
+    num_primitives: int = 17        # "pairs": texture bank of the images (17 -> 136 pair classes)
+    num_hues: int = 64              # "hue": evenly spaced hue classes (64 covers the scenes' K = 8, 16, 32, 64)
     image_size: int = 64            # square images
     num_train: int = 4000           # generated training images
     num_val: int = 400
@@ -41,6 +43,8 @@ class PretrainConfig:
 
     @property
     def num_classes(self) -> int:
+        if self.design == "hue":
+            return self.num_hues
         return self.num_primitives * (self.num_primitives - 1) // 2
 
 
@@ -80,7 +84,8 @@ def pretrain_backbone(cfg: PretrainConfig, out_path: str | Path, data_dir: str |
             return report
     if not (data_dir / "classification_meta.json").is_file():
         make_classification_set(data_dir, cfg.num_classes, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed,
-                                num_primitives=cfg.num_primitives)
+                                num_primitives=cfg.num_primitives if cfg.design == "pairs" else None,
+                                design=cfg.design)
     dev = resolve_device(device)
     train_x, train_y = _load_folder(data_dir / "train")
     val_x, val_y = _load_folder(data_dir / "val")
