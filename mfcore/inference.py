@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Images are padded with the pixel mean, so that after the model's own normalisation the padding is 0,
-# as in the released code (which pads the already-normalised images with zeros).
-PIXEL_MEAN_RGB = (123.675, 116.28, 103.53)
+# Images are padded with the pixel mean (the one copy is mfcore.config.PIXEL_MEAN), so that after the
+# model's own normalisation the padding is 0, as in the released code (which pads the already-normalised
+# images with zeros).
+from mfcore.config import PIXEL_MEAN
+
 # Released ADE20K-150 multi-scale test: short sides 256..896 (0.5x..1.75x of 512), long side <= 3584.
 ADE20K_TTA_SHORT_SIDES = (256, 384, 512, 640, 768, 896)
 ADE20K_TTA_MAX_SIZE = 3584
@@ -220,7 +222,7 @@ def pad_images(
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """Stack [3, H, W] images into [B, 3, Hp, Wp], padding bottom/right to a multiple of size_divisibility.
 
-    ``pad_value`` is one value or one per channel (pass ``PIXEL_MEAN_RGB`` to match the released code).
+    ``pad_value`` is one value or one per channel (pass ``PIXEL_MEAN`` to match the released code).
     Returns the batch and the (H, W) of every image.
     """
     if len(images) == 0:
@@ -247,7 +249,7 @@ def predict_semantic(
     image: Tensor,
     output_size: tuple[int, int] | None = None,
     size_divisibility: int = 32,
-    pad_value: float | Sequence[float] = PIXEL_MEAN_RGB,
+    pad_value: float | Sequence[float] = PIXEL_MEAN,
 ) -> Tensor:
     """Single-scale semantic scores [K, H_out, W_out] for one float RGB image [3, H, W] in 0..255.
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfcore.inference import (
-    PIXEL_MEAN_RGB,
+    PIXEL_MEAN,
     general_semantic_inference,
     instance_inference,
     pad_images,
@@ -198,11 +198,11 @@ def test_postprocess_masks_equals_upsample_crop_resize(output_size):
 
 def test_pad_images():
     a, b = torch.full((3, 30, 40), 7.0), torch.full((3, 33, 20), 9.0)
-    batch, sizes = pad_images([a, b], size_divisibility=32, pad_value=PIXEL_MEAN_RGB)
+    batch, sizes = pad_images([a, b], size_divisibility=32, pad_value=PIXEL_MEAN)
     assert batch.shape == (2, 3, 64, 64)
     assert sizes == [(30, 40), (33, 20)]
     assert torch.all(batch[0, :, :30, :40] == 7.0) and torch.all(batch[1, :, :33, :20] == 9.0)
-    for c, mean in enumerate(PIXEL_MEAN_RGB):
+    for c, mean in enumerate(PIXEL_MEAN):
         assert torch.all(batch[0, c, 30:] == torch.tensor(mean))
         assert torch.all(batch[1, c, :, 20:] == torch.tensor(mean))
     batch, _ = pad_images([torch.zeros(3, 32, 32)], pad_value=1.0)
@@ -252,7 +252,7 @@ def test_predict_semantic_maskformer_fake_model():
     padded = model.seen[0]
     assert padded.shape == (1, 3, 32, 32)
     torch.testing.assert_close(padded[0, :, :20, :30], image)
-    assert padded[0, 0, 25, 5].item() == pytest.approx(PIXEL_MEAN_RGB[0])
+    assert padded[0, 0, 25, 5].item() == pytest.approx(PIXEL_MEAN[0])
     mask_logits = F.interpolate(masks[None], size=(8, 8), mode="nearest")[0]
     expected = semantic_inference(logits, postprocess_masks(mask_logits, (32, 32), (20, 30), (20, 30)))
     torch.testing.assert_close(scores, expected)

@@ -16,7 +16,6 @@ augmented sem_seg / pan_seg, so a segment cropped away produces no target.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -25,9 +24,9 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-# ImageNet statistics in the 0..255 RGB range (the paper's pixel mean / std).
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
+from mfcore.config import PIXEL_MEAN, PIXEL_STD  # noqa: F401  (PIXEL_STD re-exported by mfcore.data)
+from mfcore.inference import pad_images
+
 # The released semantic mapper pads the crop with grey 128 *before* normalisation.
 IMAGE_CROP_PAD_VALUE = 128
 
@@ -268,16 +267,11 @@ def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32, ignore
     """
     if len(batch) == 0:
         raise ValueError("collate() received an empty batch")
-    max_h = max(s["image"].shape[-2] for s in batch)
-    max_w = max(s["image"].shape[-1] for s in batch)
-    pad_h = int(math.ceil(max_h / size_divisibility) * size_divisibility)
-    pad_w = int(math.ceil(max_w / size_divisibility) * size_divisibility)
-    images = torch.tensor(pad_value, dtype=torch.float32).view(3, 1, 1).repeat(len(batch), 1, pad_h, pad_w)
+    images, sizes = pad_images([s["image"].as_subclass(Tensor).float() for s in batch], size_divisibility,
+                               pad_value)
+    pad_h, pad_w = images.shape[-2:]
     targets = []
-    for i, sample in enumerate(batch):
-        image = sample["image"].as_subclass(Tensor).float()
-        h, w = image.shape[-2:]
-        images[i, :, :h, :w] = image
+    for sample, (h, w) in zip(batch, sizes):
         target = {k: v for k, v in sample.items() if k != "image"}
         target["image_size"] = (h, w)
         if tuple(sample["sem_seg"].shape[-2:]) == (h, w):

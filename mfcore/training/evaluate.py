@@ -19,12 +19,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore.config import TrainConfig
+from mfcore.config import PIXEL_MEAN, TrainConfig
 from mfcore.data.datasets import PanopticSegDataset
 from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.files import write_json
 from mfcore.inference import (
-    PIXEL_MEAN_RGB,
     general_semantic_inference,
     pad_images,
     panoptic_inference,
@@ -50,7 +49,7 @@ GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general infer
 def _padded_outputs(model: nn.Module, image: Tensor) -> tuple[dict, tuple[int, int], tuple[int, int]]:
     """The model's outputs for one image [3, h, w] (0..255) padded to its size divisibility, the padded
     size and the image's size."""
-    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
+    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN)
     return model(batch), tuple(batch.shape[-2:]), size
 
 

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mfcore.config import PIXEL_MEAN, PIXEL_STD
 from mfcore.data import make_classification_set
 from mfcore.files import write_json
 from mfcore.modeling.backbones import build_backbone
@@ -59,7 +60,7 @@ class _Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.out_channels["res5"], num_classes)
-        mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+        mean, std = torch.tensor(PIXEL_MEAN), torch.tensor(PIXEL_STD)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
