@@ -52,7 +52,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, scenes, monkeypatch):
 
 def test_semantic_layout_read_by_ade20k_reader(scenes):
     ds = build_dataset("ade20k", scenes, "train")
-    assert (ds.name, ds.num_classes, len(ds), ds.ignore_label) == ("synthetic_semantic", 12, 6, 255)
+    assert (ds.name, ds.num_classes, len(ds), ds.ignore_label) == ("synthetic", 12, 6, 255)
     assert ds.thing_ids == tuple(range(round(0.4 * 12)))
     for i in range(len(ds)):
         raw = np.asarray(Image.open(scenes / f"ADEChallengeData2016/annotations/training/syn_train_{i:06d}.png"))
@@ -63,8 +63,8 @@ def test_semantic_layout_read_by_ade20k_reader(scenes):
 
 
 def test_panoptic_layout_agrees_with_semantic_layout(scenes):
-    semantic = build_dataset("synthetic_semantic", scenes, "val")
-    panoptic = build_dataset("synthetic_panoptic", scenes, "val")
+    semantic = build_dataset("synthetic", scenes, "val")
+    panoptic = build_dataset("synthetic-panoptic", scenes, "val")
     assert panoptic.thing_ids == semantic.thing_ids and panoptic.class_names == semantic.class_names
     for i in range(len(panoptic)):
         p, s = panoptic[i], semantic[i]
@@ -167,7 +167,7 @@ def test_hue_design_is_deterministic_and_recorded_in_the_meta(tmp_path):
     first = Image.open(tmp_path / "a/ADEChallengeData2016/images/training/syn_train_000000.png").tobytes()
     second = Image.open(tmp_path / "a/ADEChallengeData2016/images/training/syn_train_000001.png").tobytes()
     assert first != second
-    ds = build_dataset("synthetic_semantic", tmp_path / "a", "train")
+    ds = build_dataset("synthetic", tmp_path / "a", "train")
     assert ds.num_classes == 32 and ds.thing_ids == tuple(range(13))
     meta = json.loads((tmp_path / "a/ADEChallengeData2016/synthetic_meta.json").read_text())
     assert meta["design"] == "hue" and sorted(meta["class_hue"]) == [k * 360 / 32 for k in range(32)]

@@ -205,6 +205,26 @@ def test_sigterm_saves_a_checkpoint_then_stops(data_root, tmp_path, monkeypatch)
     assert signal.getsignal(signal.SIGTERM) == previous
 
 
+def test_k_comes_from_the_data_and_an_explicit_mismatch_is_an_error(data_root, tmp_path):
+    from mfcore.presets import adapt_to_data, one_query_per_class
+
+    fixed = get_preset("synthetic-maskformer-fixed-tiny")
+    assert one_query_per_class(fixed.model, fixed.loss) and fixed.model.num_queries == fixed.model.num_classes == 32
+    adapted = adapt_to_data(fixed, fixed.model, 6)
+    assert (adapted.num_classes, adapted.num_queries) == (6, 6)  # N = K follows the data's K
+    plain = get_preset("synthetic-maskformer-tiny")
+    assert adapt_to_data(plain, plain.model, 6).num_queries == plain.model.num_queries  # N is free there
+    with pytest.raises(ValueError, match=r"num_queries=20 was set explicitly, but .* K=6 .*N = K"):
+        adapt_to_data(fixed, fixed.model, 6, {"num_queries": 20})
+    real = get_preset("ade20k-maskformer-r50")
+    with pytest.raises(ValueError, match="ade20k has 6 classes but the model has 150"):
+        adapt_to_data(real, real.model, 6)
+    # through train(): an explicit K that the data does not have names both values
+    with pytest.raises(ValueError, match=r"num_classes=32 was set explicitly, but the synthetic data has K=6"):
+        train("synthetic-maskformer-tiny", tmp_path, data_root, train_overrides=dict(FAST, iters=1),
+              model_overrides=dict(SMALL_MODEL, num_classes=32), progress="off")
+
+
 def test_refuses_to_overwrite_or_resume_a_different_run(data_root, tmp_path):
     train("synthetic-maskformer-tiny", tmp_path, data_root, train_overrides=dict(FAST, iters=1),
           model_overrides=SMALL_MODEL, progress="off")

@@ -147,7 +147,7 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
                        {"images": [e[0] for e in entries], "annotations": [e[1] for e in entries],
                         "categories": categories})
     if kind in ("semantic", "both"):
-        meta = {"name": "synthetic_semantic", "seed": seed, "image_size": image_size, **classes.to_json()}
+        meta = {"name": "synthetic", "seed": seed, "image_size": image_size, **classes.to_json()}
         write_json(ade / "synthetic_meta.json", meta)
     return classes
 

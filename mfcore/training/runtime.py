@@ -22,14 +22,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mfcore.data.catalog import SYNTHETIC, dataset_name
 from mfcore.files import REPO
-
-# preset dataset name -> mfcore.data registry name
-DATASET_NAMES = {"ade20k": "ade20k", "ade20k-full": "ade20k_full", "coco-stuff": "coco_stuff_10k",
-                 "cityscapes": "cityscapes", "mapillary": "mapillary_vistas", "coco-panoptic": "coco_panoptic",
-                 "ade20k-panoptic": "ade20k_panoptic", "synthetic": "synthetic_semantic",
-                 "synthetic-panoptic": "synthetic_panoptic"}
-SYNTHETIC = ("synthetic", "synthetic-panoptic")
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -78,13 +72,12 @@ def build_run_dataset(name: str, data_root: str | Path | None, split: str, trans
     `data_root` means the default generated set (created on first use)."""
     from mfcore.data.datasets import build_dataset
 
-    if name not in DATASET_NAMES:
-        raise ValueError(f"dataset {name!r}: expected one of {sorted(DATASET_NAMES)}")
+    name = dataset_name(name)
     if data_root is None:
         if name not in SYNTHETIC:
             raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files; see data/README.md)")
         data_root = ensure_synthetic(default_synthetic_root())
-    return build_dataset(DATASET_NAMES[name], Path(data_root), split, transform)
+    return build_dataset(name, Path(data_root), split, transform)
 
 
 @contextmanager
@@ -163,5 +156,5 @@ class ResumableBatchSampler:
                 batch += 1
 
 
-__all__ = ["DATASET_NAMES", "resolve_device", "seed_everything", "default_synthetic_root", "ensure_synthetic",
+__all__ = ["resolve_device", "seed_everything", "default_synthetic_root", "ensure_synthetic",
            "build_run_dataset", "forked_rng", "SeededSamples", "ResumableBatchSampler"]
