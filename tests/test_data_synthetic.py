@@ -246,3 +246,38 @@ def test_hue_classes_need_the_region_at_32_and_boxes_get_worse_with_k():
     assert at32["region"]["pixel_acc"] > at32["box_9"]["pixel_acc"] + 30
     box = [results[k]["box_9"]["pixel_acc"] for k in (8, 32, 128)]
     assert box[0] > box[1] + 15 and box[1] > box[2] + 15
+
+
+def test_ensure_synthetic_is_atomic_and_generated_once(tmp_path, monkeypatch):
+    import mfcore.data.synthetic_writer as writer
+    from mfcore.data import ensure_synthetic
+
+    options = {"num_classes": 4, "num_train": 2, "num_val": 1, "image_size": 32, "workers": 1}
+    real = writer.make_synthetic
+
+    def killed(out_dir, **kw):  # a run killed half-way through writing the set
+        real(out_dir, **kw)
+        (Path(out_dir) / "ADEChallengeData2016" / "synthetic_meta.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "make_synthetic", killed)
+    root = tmp_path / "cache" / "set"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(root, **options)
+    assert not root.exists()  # readers never see the half-written set under its name
+    monkeypatch.setattr(writer, "make_synthetic", real)
+    assert ensure_synthetic(root, **options) == root and (root / "DONE").is_file()
+    assert build_dataset("synthetic", root, "train").num_classes == 4
+    assert sorted(p.name for p in root.parent.iterdir()) == ["set"]  # the temporary copies are gone
+
+    def fail(*args, **kw):
+        raise AssertionError("a complete set is never generated again")
+
+    monkeypatch.setattr(writer, "make_synthetic", fail)
+    assert ensure_synthetic(root, **options) == root
+    # a folder without the marker (e.g. written half-way by an older version) is replaced by a whole set
+    legacy = tmp_path / "cache" / "legacy"
+    (legacy / "ADEChallengeData2016").mkdir(parents=True)
+    monkeypatch.setattr(writer, "make_synthetic", real)
+    ensure_synthetic(legacy, **options)
+    assert (legacy / "DONE").is_file() and len(build_dataset("synthetic", legacy, "val")) == 1

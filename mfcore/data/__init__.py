@@ -3,6 +3,7 @@
     build_dataset(name, root, split, transform)  -> dataset of sample dicts (see datasets.py)
     build_train_transform(...), build_eval_transform(...), collate(batch)
     make_synthetic(out_dir, ..., design="pairs" | "hue"), make_classification_set(out_dir, ...)
+    ensure_synthetic(root, **make_synthetic_options)  -> root, generated once, atomically
 """
 from mfcore.data.base import PanopticSegDataset, SegmentationDataset, SemanticSegDataset
 from mfcore.data.datasets import DATASETS, build_dataset
@@ -13,7 +14,11 @@ from mfcore.data.synthetic import (
     design_classes,
     render_scene,
 )
-from mfcore.data.synthetic_writer import make_classification_set, make_synthetic
+from mfcore.data.synthetic_writer import (
+    ensure_synthetic,
+    make_classification_set,
+    make_synthetic,
+)
 from mfcore.data.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
@@ -39,6 +44,7 @@ __all__ = [
     "build_train_transform",
     "collate",
     "design_classes",
+    "ensure_synthetic",
     "make_classification_set",
     "make_synthetic",
     "panoptic_targets",

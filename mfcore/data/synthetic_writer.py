@@ -152,6 +152,42 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
     return classes
 
 
+def ensure_synthetic(root: str | Path, **options) -> Path:
+    """The synthetic scenes `make_synthetic(root, **options)` writes, generated once: the one cache of
+    generated datasets (the default set of `mfcore train`, the notebooks' per-profile sets).
+
+    The scenes are written to a temporary folder beside `root` that is renamed into place when complete, so
+    a reader (another run, a notebook kernel, a DDP process) sees no set or a whole one, never half of one;
+    two processes generating the same set at once each write their own copy, and the one renamed second is
+    dropped (the copies are identical: the output is a function of the options). A folder written in place
+    (`mfcore make-synthetic`, or an older mfcore) counts as complete when it holds the synthetic_meta.json
+    that `make_synthetic` writes last; one without it may be half-written and is regenerated.
+    """
+    root = Path(root)
+    if _complete(root):
+        return root
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
+    make_synthetic(tmp, **options)
+    (tmp / "DONE").write_text("complete\n")
+    if root.is_dir() and not _complete(root):  # a half-written set from an older, non-atomic writer
+        stale = root.with_name(f".{root.name}.stale-{os.getpid()}")
+        try:
+            os.rename(root, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # another process moved it first
+            pass
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process renamed its identical copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def _complete(root: Path) -> bool:
+    return (root / "DONE").is_file() or (root / "ADEChallengeData2016" / "synthetic_meta.json").is_file()
+
+
 def make_classification_set(out_dir: str | Path, num_classes: int, num_train: int = 1000, num_val: int = 200,
                             image_size: int = 64, seed: int = 0, num_primitives: int | None = None,
                             design: str = "pairs", hue_noise: float = 40.0) -> ClassDesign | HueDesign:

@@ -10,9 +10,7 @@ Then a run resumed at iteration t sees exactly the batches an uninterrupted run 
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mfcore.data.catalog import SYNTHETIC, dataset_name
-from mfcore.files import REPO
+from mfcore.files import default_cache_dir
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -44,27 +42,8 @@ def seed_everything(seed: int) -> None:
 
 
 def default_synthetic_root() -> Path:
-    """data/generated/synthetic in the source checkout (or the working directory if installed elsewhere)."""
-    base = REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()
-    return base / "data" / "generated" / "synthetic"
-
-
-def ensure_synthetic(root: Path) -> Path:
-    """Generate the default synthetic set at `root` if absent. The set is written to a temporary folder
-    that is renamed into place, so concurrent runs never read a half-written set."""
-    if root.is_dir():
-        return root
-    from mfcore.data import make_synthetic
-    from mfcore.presets import SMALL_DATASETS
-
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    # the small presets' K, and the sizes data/README.md documents for the default set
-    make_synthetic(tmp, num_classes=SMALL_DATASETS["synthetic"][0], num_train=2000, num_val=300)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first; its copy is identical (fixed seed)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    """The default synthetic set (`mfcore train` on a synthetic preset without --data-root)."""
+    return default_cache_dir() / "synthetic"
 
 
 def build_run_dataset(name: str, data_root: str | Path | None, split: str, transform: Any = None) -> Any:
@@ -76,7 +55,12 @@ def build_run_dataset(name: str, data_root: str | Path | None, split: str, trans
     if data_root is None:
         if name not in SYNTHETIC:
             raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files; see data/README.md)")
-        data_root = ensure_synthetic(default_synthetic_root())
+        from mfcore.data import ensure_synthetic
+        from mfcore.presets import SMALL_DATASETS
+
+        # the small presets' K, and the sizes data/README.md documents for the default set
+        data_root = ensure_synthetic(default_synthetic_root(), num_classes=SMALL_DATASETS["synthetic"][0],
+                                     num_train=2000, num_val=300)
     return build_dataset(name, Path(data_root), split, transform)
 
 
@@ -156,5 +140,5 @@ class ResumableBatchSampler:
                 batch += 1
 
 
-__all__ = ["resolve_device", "seed_everything", "default_synthetic_root", "ensure_synthetic",
+__all__ = ["resolve_device", "seed_everything", "default_synthetic_root",
            "build_run_dataset", "forked_rng", "SeededSamples", "ResumableBatchSampler"]
