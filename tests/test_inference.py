@@ -13,6 +13,7 @@ from mfcore.inference import (
     instance_inference,
     pad_images,
     panoptic_inference,
+    panoptic_queries,
     postprocess_masks,
     predict_semantic,
     predict_semantic_tta,
@@ -297,3 +298,24 @@ def test_tta_flip_symmetrises_position_bias():
     flipped = predict_semantic_tta(model, image, short_sides=(32,), flip=True)
     assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)
     torch.testing.assert_close(flipped, flipped.flip(-1))
+
+
+def test_panoptic_queries_decide_what_panoptic_inference_keeps():
+    torch.manual_seed(0)
+    # queries 0-3 each own a quadrant; 4-7 are random: between them every status occurs
+    logits, masks = torch.randn(8, 5) * 3, torch.randn(8, 16, 16) * 4
+    logits[:4] = -5.0
+    for q in range(4):
+        logits[q, q] = 5.0
+        masks[q] = -BIG
+        masks[q, 8 * (q // 2):8 * (q // 2) + 8, 8 * (q % 2):8 * (q % 2) + 8] = BIG
+    queries = panoptic_queries(logits, masks, 0.3, 0.8)
+    _, segments = panoptic_inference(logits, masks, thing_ids=range(4), object_mask_threshold=0.3,
+                                       overlap_threshold=0.8)
+    kept = [q for q, s in enumerate(queries["status"]) if s == "kept"]
+    assert len(segments) == len(kept) > 0  # all things: one segment per kept query
+    assert set(queries["status"]) <= {"no object", "below object threshold", "empty", "overlap", "kept"}
+    for j, q in enumerate(queries["candidates"].tolist()):
+        # the overlap rule on exact integers, as a reader would check it by hand
+        own, won = int((masks[q].sigmoid() >= 0.5).sum()), int((queries["winner"] == j).sum())
+        assert (queries["status"][q] == "kept") == (won > 0 and own > 0 and won >= 0.8 * own)
