@@ -304,17 +304,22 @@ def predict_semantic(
     raise ValueError(f"model outputs need 'pred_logits'/'pred_masks' or 'sem_seg_logits', got {sorted(outputs)}")
 
 
+def shortest_edge_size(height: int, width: int, short_side: int, max_size: int | None) -> tuple[int, int]:
+    """(H, W) with the short side ``short_side`` and the long side at most ``max_size`` (None: no cap),
+    rounded as detectron2's ResizeShortestEdge does; training augmentation and test-time resizing share it."""
+    scale = short_side / min(height, width)
+    if max_size is not None and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 def resize_shortest_edge(image: Tensor, short_side: int, max_size: int) -> Tensor:
     """Resize [3, H, W] so its short side is ``short_side`` and its long side at most ``max_size``.
 
     Sizes are rounded as detectron2's ResizeShortestEdge does; bilinear with antialiasing, close to the
     PIL resize the released pipeline uses on uint8 images.
     """
-    h, w = image.shape[-2:]
-    scale = short_side / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    new_size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    new_size = shortest_edge_size(int(image.shape[-2]), int(image.shape[-1]), short_side, max_size)
     return F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 

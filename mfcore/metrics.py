@@ -34,9 +34,6 @@ class SemSegEvaluator:
         self.ignore_label = ignore_label
         self.conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
 
-    def reset(self) -> None:
-        self.conf.zero_()
-
     def _labels(self, values: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
         values = torch.as_tensor(values).cpu().long().flatten()
         bad = (values != self.ignore_label) & ((values < 0) | (values >= self.num_classes))
@@ -58,12 +55,6 @@ class SemSegEvaluator:
         counts = torch.bincount(gt[valid] * width + pred, minlength=self.num_classes * width)
         self.conf += counts.reshape(self.num_classes, width)
 
-    def merge(self, other: SemSegEvaluator) -> None:
-        """Add another evaluator's counts (e.g. gathered from another process)."""
-        if other.conf.shape != self.conf.shape:
-            raise ValueError(f"cannot merge confusion matrices {tuple(other.conf.shape)} and {tuple(self.conf.shape)}")
-        self.conf += other.conf
-
     def sync(self) -> None:
         """Sum the confusion matrices of all processes (call once, after the last update)."""
         if not (dist.is_available() and dist.is_initialized()):
@@ -71,14 +62,6 @@ class SemSegEvaluator:
         conf = self.conf.cuda() if dist.get_backend() == "nccl" else self.conf.clone()
         dist.all_reduce(conf)
         self.conf = conf.cpu()
-
-    def state_dict(self) -> dict:
-        return {"num_classes": self.num_classes, "ignore_label": self.ignore_label, "conf": self.conf.clone()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        if state["num_classes"] != self.num_classes:
-            raise ValueError(f"state has {state['num_classes']} classes, evaluator has {self.num_classes}")
-        self.conf = torch.as_tensor(state["conf"], dtype=torch.int64).clone()
 
     def compute(self) -> dict:
         """{"mIoU", "pixel_acc", "mAcc", "per_class_iou"} in percent; per-class IoU is nan for classes

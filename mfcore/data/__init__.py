@@ -1,7 +1,7 @@
 """Data: real benchmark readers, synthetic scenes, augmentation and batching.
 
     build_dataset(name, root, split, transform)  -> dataset of sample dicts (see datasets.py)
-    build_train_transform(...), build_eval_transform(...), collate(batch)
+    build_train_transform(...), collate(batch)
     make_synthetic(out_dir, ..., design="pairs" | "hue"), make_classification_set(out_dir, ...)
     ensure_synthetic(root, **make_synthetic_options)  -> root, generated once, atomically
 """
@@ -22,7 +22,6 @@ from mfcore.data.synthetic_writer import (
 from mfcore.data.transforms import (
     PIXEL_MEAN,
     PIXEL_STD,
-    build_eval_transform,
     build_train_transform,
     collate,
     panoptic_targets,
@@ -40,7 +39,6 @@ __all__ = [
     "SegmentationDataset",
     "SemanticSegDataset",
     "build_dataset",
-    "build_eval_transform",
     "build_train_transform",
     "collate",
     "design_classes",

@@ -25,7 +25,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mfcore.config import PIXEL_MEAN, PIXEL_STD  # noqa: F401  (PIXEL_STD re-exported by mfcore.data)
-from mfcore.inference import pad_images
+from mfcore.inference import pad_images, shortest_edge_size
 
 # The released semantic mapper pads the crop with grey 128 *before* normalisation.
 IMAGE_CROP_PAD_VALUE = 128
@@ -71,22 +71,18 @@ class ResizeShortestEdge:
     """Resize so the short side is a random choice from `short_sides`, the long side <= max_size.
 
     scale = s / min(H, W), reduced to max_size / max(H, W) if the long side would exceed
-    max_size; new sizes are rounded to the nearest integer. With `resize_labels=False` only the
-    image is resized (evaluation: predictions are scored at the label's original size).
+    max_size; new sizes are rounded to the nearest integer (`inference.shortest_edge_size`, the rule the
+    test-time resize uses too).
     """
 
-    def __init__(self, short_sides: Sequence[int], max_size: int | None, resize_labels: bool = True):
+    def __init__(self, short_sides: Sequence[int], max_size: int | None):
         if len(short_sides) == 0 or min(short_sides) <= 0:
             raise ValueError(f"short_sides must be a non-empty list of positive sizes, got {short_sides}")
         self.short_sides = [int(s) for s in short_sides]
         self.max_size = max_size
-        self.resize_labels = resize_labels
 
     def output_size(self, height: int, width: int, short_side: int) -> tuple[int, int]:
-        scale = short_side / min(height, width)
-        if self.max_size is not None and max(height, width) * scale > self.max_size:
-            scale = self.max_size / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
+        return shortest_edge_size(height, width, short_side, self.max_size)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         height, width = sample["image"].shape[-2:]
@@ -96,7 +92,7 @@ class ResizeShortestEdge:
         for key, value in sample.items():
             if isinstance(value, tv_tensors.Image):
                 out[key] = F.resize(value, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-            elif isinstance(value, tv_tensors.Mask) and self.resize_labels:
+            elif isinstance(value, tv_tensors.Mask):
                 # Pixel-centre nearest neighbour, like PIL's NEAREST: torchvision's default
                 # NEAREST for masks samples the top-left source pixel and would shift the labels
                 # by up to half an input pixel against the bilinearly resized image.
@@ -241,14 +237,6 @@ def build_train_transform(crop_size: int | tuple[int, int], short_sides: Sequenc
         steps.append(v2.RandomHorizontalFlip(p=0.5))
     steps.append(PadToSize(crop, ignore_label))
     return v2.Compose(steps)
-
-
-def build_eval_transform(short_side: int | None = None, max_size: int | None = None) -> Any:
-    """Evaluation: optionally resize the *image* (short side, long side <= max_size); labels
-    stay at their original resolution since predictions are resized back before scoring."""
-    if short_side is None:
-        return v2.Identity()
-    return ResizeShortestEdge([short_side], max_size, resize_labels=False)
 
 
 def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32, ignore_label: int = 255,
