@@ -1,10 +1,10 @@
 """Profiles: how big the notebooks' experiments are. One notebook, three scales, chosen by papermill.
 
-    smoke  the tests: every notebook end to end in about a minute (numbers meaningless)
-    quick  the embedded default: a laptop CPU, all notebooks in under 25 minutes on 2 cores
-    gpu    more classes, queries and iterations on one GPU, sized to show the paper's trends in about an hour
-           to an hour and a half on one H100 (an estimate from measured throughput; not yet completed on a GPU:
-           see the README)
+    smoke  the tests: every notebook end to end, as small as runs can be (numbers meaningless)
+    quick  the embedded default, sized for a 2-core laptop CPU: all notebooks in one sitting (the time a
+           run took is in results/reproduce_quick.json and in every table's provenance line)
+    gpu    more classes, queries and iterations on one GPU: long enough for MaskFormer's advantage at large
+           K to appear, which the quick profile's runs are too short for
     paper  the paper's presets on the real datasets (data_root), full schedules, many GPUs via torchrun
 
 Synthetic profiles train the small presets (`synthetic-<model>-<backbone>`) from one backbone pretrained
@@ -55,12 +55,10 @@ PROFILES: dict[str, Profile] = {
     # K = 8, 16, 32 all draw their classes from the same 9-primitive bank (3 hues x 3 patterns) that the
     # backbone is pretrained on: one "ImageNet" for every setting, as in the paper.
     "quick": Profile("quick", pretrain=PretrainConfig(num_primitives=9, num_train=3000, num_val=300, iters=1500)),
-    # Sizing (an estimate: not yet run on a GPU). In 1200-iteration CPU runs (batch 16) MaskFormer caught up
-    # with PerPixelBaseline+ at K=8 and 16 but not yet at 32, so this profile keeps the quick profile's K and
-    # gives each run 2500 iterations of batch 32, 4.2x those images. Its 17 runs make 42,500 steps; one H100
-    # ran ~16 steps/s in all with 13 small runs of mixed models side by side (each step is ~8,500 launch-bound
-    # kernel calls); a MaskFormer run with N=100 and batch 32 ran 8.3 steps/s alone and 9.1 in all with 4 side
-    # by side: 45-85 min of training after ~4 min of data and pretraining. One seed: three would take 3-4 hours.
+    # Sizing: in 1200-iteration CPU runs (batch 16) MaskFormer caught up with PerPixelBaseline+ at K=8 and 16
+    # but not yet at 32, so this profile keeps the quick profile's K and gives each run 2500 iterations of
+    # batch 32 (about 4x the images). Runs this small are bound by kernel launches, not arithmetic, so
+    # several share the GPU side by side (parallel_runs). One seed, to keep the profile within one session.
     "gpu": Profile("gpu", num_train=20000, num_val=1000, class_counts=(8, 16, 32), base_classes=32,
                    query_counts=(20, 50, 100, 200), num_queries=100, iters=2500, batch_size=32, seeds=(0,),
                    pretrain=PretrainConfig(num_primitives=9, num_train=50000, num_val=2000, iters=6000,
