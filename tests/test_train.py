@@ -136,6 +136,7 @@ def test_perpixelplus_and_panoptic_runs_and_evaluate_writes_json(data_root, tmp_
     result = train("synthetic-panoptic-maskformer-tiny", run, data_root, train_overrides=dict(FAST, iters=2),
                    model_overrides=SMALL_MODEL, progress="off")
     assert set(result["eval"]["panoptic"]) >= {"PQ", "PQ_Th", "PQ_St", "SQ", "RQ", "per_class"}
+    assert set(result["eval"]["instance"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}  # things' mask AP
     out = evaluate(run / "last.pt", data_root)
     written = json.loads((run / "eval_val.json").read_text())
     assert out["output"] == str(run / "eval_val.json") and written["iteration"] == 2

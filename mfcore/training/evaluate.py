@@ -3,7 +3,8 @@
 Semantic: mIoU (dataset-level confusion matrix) and PQ^St, where every class region of the prediction
 and of the ground truth is one segment and all classes count as stuff (Table 2). Panoptic datasets and
 mask-classification models add panoptic PQ / PQ^Th / PQ^St / SQ / RQ from general inference (Sec. 3.4)
-with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap threshold 0.8.
+with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap threshold 0.8, and the
+instance output's COCO mask AP over the thing classes (`instance_inference`: one instance per query).
 
 Single-scale test: the image is resized to the preset's test short side, predictions are resized back to
 the label's original size. `tta=True`: the multi-scale + flip test of Table 1 (semantic metrics only;
@@ -25,6 +26,7 @@ from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.files import write_json
 from mfcore.inference import (
     general_semantic_inference,
+    instance_inference,
     pad_images,
     panoptic_inference,
     postprocess_masks,
@@ -33,7 +35,7 @@ from mfcore.inference import (
     resize_shortest_edge,
     semantic_inference,
 )
-from mfcore.metrics import SemSegEvaluator
+from mfcore.metrics import MaskAPAccumulator, SemSegEvaluator
 from mfcore.panoptic_quality import PQAccumulator, semantic_categories
 from mfcore.training import distributed as du
 from mfcore.training.checkpoint import (
@@ -91,6 +93,22 @@ def _pq_summary(result: dict, names: list[str], suffix: str) -> dict:
     return out
 
 
+def _thing_instances(sample: dict) -> dict:
+    """Ground-truth instances of a panoptic sample: one mask per thing segment (crowd ones flagged)."""
+    things = [s for s in sample["segments_info"] if s["isthing"]]
+    pan_seg = sample["pan_seg"]
+    masks = torch.stack([pan_seg == s["id"] for s in things]) if things else \
+        torch.zeros((0, *pan_seg.shape[-2:]), dtype=torch.bool)
+    return {"masks": masks, "labels": [s["category_id"] for s in things], "iscrowd": [s["iscrowd"] for s in things]}
+
+
+def _thing_predictions(logits: Tensor, masks: Tensor, thing_ids: Any) -> dict:
+    """`instance_inference`'s instances of thing classes (COCO's instance task scores things only)."""
+    out = instance_inference(logits, masks)
+    keep = torch.isin(out["labels"], torch.as_tensor(list(thing_ids), dtype=torch.int64, device=out["labels"].device))
+    return {k: v[keep].cpu() for k, v in out.items()}
+
+
 def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device, tta: bool = False,
                    max_images: int | None = None, inference: str = "semantic") -> dict:
     """Metrics of `model` on `dataset` (built without transform: original images and labels).
@@ -98,7 +116,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     Under torchrun each process scores images rank, rank + world, ... and the counts are summed.
     Returns {"num_images", "semantic": {"mIoU", "pixel_acc", "mAcc", "PQ_St", "SQ_St", "RQ_St",
     "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
-    "PQ_St", "SQ", "RQ", "per_class"}}; values in percent.
+    "PQ_St", "SQ", "RQ", "per_class"}, "instance" (the same): mask AP of the thing classes {"AP", "AP50",
+    "AP75", "APs", "APm", "APl"}}; values in percent.
     inference: "semantic" (marginalisation, the default) or "general" (MaskFormer only; Table VII).
     """
     if inference not in ("semantic", "general"):
@@ -111,9 +130,10 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     mask_classification = model.cfg.arch == "maskformer"
     semseg = SemSegEvaluator(k, dataset.ignore_label)
     pq_st = PQAccumulator(semantic_categories(k))
-    pq = None
+    pq = ap = None
     if isinstance(dataset, PanopticSegDataset) and mask_classification:
         pq = PQAccumulator([{"id": c, "isthing": int(c in dataset.thing_ids)} for c in range(k)])
+        ap = MaskAPAccumulator(k)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     for index in range(du.get_rank(), count, du.get_world_size()):
         sample = dataset[index]
@@ -145,6 +165,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
             seg, segments = panoptic_inference(logits, masks, dataset.thing_ids, cfg.object_mask_threshold,
                                                cfg.overlap_threshold)
             pq.add(sample["pan_seg"].numpy(), sample["segments_info"], seg.cpu().numpy(), segments)
+            ap.add(_thing_instances(sample), _thing_predictions(logits, masks, dataset.thing_ids))
     model.train(was_training)
 
     semseg.sync()
@@ -160,6 +181,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     if pq is not None:
         pan = _gather_pq(pq).compute()
         result["panoptic"] = {**_pq_summary(pan, names, ""), "PQ_Th": pan["Things"]["pq"], "PQ_St": pan["Stuff"]["pq"]}
+        ap.sync()
+        result["instance"] = ap.compute()
     return result
 
 
