@@ -70,6 +70,13 @@ def semantic_inference(pred_logits: Tensor, pred_masks: Tensor, inplace: bool = 
     return torch.matmul(pixels, probs).unflatten(-2, (height, width)).movedim(-1, -3)
 
 
+def _confident_queries(pred_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """p_i(c_i) [N], c_i [N] (K = "no object") and which queries pass the class rules of general and
+    instance inference: c_i is a real class and p_i(c_i) > object_mask_threshold."""
+    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)
+    return scores, labels, (labels != pred_logits.shape[-1] - 1) & (scores > object_mask_threshold)
+
+
 # Per-query outcomes of general inference, in the order its rules apply (`panoptic_queries`).
 QUERY_STATUSES = ("no object", "below object threshold", "empty", "overlap", "kept")
 
@@ -99,8 +106,8 @@ def panoptic_queries(
     """
     _check_pairs(pred_logits, pred_masks)
     num_classes = pred_logits.shape[1] - 1
-    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)  # [N], [N]
-    candidates = ((labels != num_classes) & (scores > object_mask_threshold)).nonzero().flatten()
+    scores, labels, confident = _confident_queries(pred_logits, object_mask_threshold)
+    candidates = confident.nonzero().flatten()
     probs = pred_masks[candidates].sigmoid()
     winner, won, area = None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
     if len(candidates):
@@ -200,9 +207,7 @@ def instance_inference(
         {"masks": [M, H, W] bool, "labels": [M] int64 (contiguous), "scores": [M] float}.
     """
     _check_pairs(pred_logits, pred_masks)
-    num_classes = pred_logits.shape[1] - 1
-    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)
-    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    scores, labels, keep = _confident_queries(pred_logits, object_mask_threshold)
     probs = pred_masks[keep].sigmoid()  # [M, H, W]
     masks = probs >= mask_threshold
     area = masks.flatten(1).sum(dim=1)

@@ -143,6 +143,17 @@ def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
     return list(specs.values())
 
 
+def _run_groups(ctx: Context, groups: dict) -> tuple[dict, float]:
+    """Each group's median over seeds (`run_seeds`), and the training seconds they took together."""
+    results = {key: run_seeds(ctx, specs) for key, specs in groups.items()}
+    return results, sum(r["seconds"] for r in results.values())
+
+
+def _setting(ctx: Context, real: str = "ADE20K") -> str:
+    """The provenance line's setting: the base K of a synthetic profile, else the real dataset."""
+    return f"K={ctx.profile.base_classes}" if ctx.profile.synthetic else real
+
+
 def table2(ctx: Context) -> Table:
     """Table 2: per-pixel vs mask classification as the number of classes grows."""
     start, seconds, rows = time.perf_counter(), 0.0, []
@@ -168,8 +179,8 @@ def table2(ctx: Context) -> Table:
 
 def table4(ctx: Context) -> Table:
     """Table 4: (a) per-pixel vs mask classification with the same fixed matching; (b) fixed vs bipartite."""
-    start, k = time.perf_counter(), ctx.profile.base_classes
-    results = {m: run_seeds(ctx, specs) for m, specs in _runs_table4(ctx).items()}
+    start = time.perf_counter()
+    results, seconds = _run_groups(ctx, _runs_table4(ctx))
     rows = []
     for model, result in results.items():
         miou, pq_st = _sem(result)
@@ -178,9 +189,8 @@ def table4(ctx: Context) -> Table:
                      "maskformer-fixed": "fixed (N=K)", "maskformer": "bipartite"}[model],
                      "mIoU paper": p_miou, "mIoU ours": miou, "mIoU delta": miou - p_miou,
                      "PQ^St paper": p_pq, "PQ^St ours": pq_st, "PQ^St delta": pq_st - p_pq})
-    seconds = sum(r["seconds"] for r in results.values())
     return Table("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)", pd.DataFrame(rows),
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 provenance(ctx, start, seconds, _setting(ctx)),
                  ["The paper's claim: bipartite matching beats fixed matching, which beats per-pixel classification."])
 
 
@@ -206,39 +216,37 @@ def table_queries(ctx: Context) -> Table:
     frame.insert(4, "mIoU delta", frame["mIoU ours"] - frame["mIoU paper"])
     frame["PQ^St delta"] = frame["PQ^St ours"] - frame["PQ^St paper"]
     return Table("table_queries", "Number of queries (mIoU / PQ^St)", frame,
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 provenance(ctx, start, seconds, _setting(ctx)),
                  ["The paper: about 100 queries (N/K = 0.67 on ADE20K) work best; very many queries hurt."])
 
 
 def table8(ctx: Context) -> Table:
     """Table VIII: decoder layers, with and without self-attention (semantic metrics)."""
-    start, k = time.perf_counter(), ctx.profile.base_classes
-    rows, seconds = [], 0.0
-    for label, specs in _runs_table8(ctx).items():
-        result = run_seeds(ctx, specs)
-        seconds += result["seconds"]
+    start = time.perf_counter()
+    results, seconds = _run_groups(ctx, _runs_table8(ctx))
+    rows = []
+    for label, result in results.items():
         s, p = result["semantic"], paper.TABLE8[label][0]
         rows.append({"decoder": label, "mIoU paper": p[0], "mIoU ours": s["mIoU"], "mIoU delta": s["mIoU"] - p[0],
                      "PQ^St paper": p[1], "PQ^St ours": s["PQ_St"], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],
                      "RQ^St paper": p[3], "RQ^St ours": s["RQ_St"]})
     return Table("table8", "Table VIII: transformer decoder layers (semantic)", pd.DataFrame(rows),
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 provenance(ctx, start, seconds, _setting(ctx)),
                  ["Panoptic columns of Table VIII are not regenerated (the synthetic profiles train semantic runs here)."])
 
 
 def table5(ctx: Context) -> Table:
     """Table 5: box matching vs mask matching, panoptic quality (synthetic panoptic scenes or COCO)."""
-    start, k = time.perf_counter(), ctx.profile.base_classes
-    rows, seconds = [], 0.0
-    for model, specs in _runs_table5(ctx).items():
-        result = run_seeds(ctx, specs)
-        seconds += result["seconds"]
+    start = time.perf_counter()
+    results, seconds = _run_groups(ctx, _runs_table5(ctx))
+    rows = []
+    for model, result in results.items():
         pan, p = result["panoptic"], paper.TABLE5[model]
         rows.append({"matching": "box" if "box" in model else "mask",
                      "PQ paper": p[0], "PQ ours": pan["PQ"], "PQ delta": pan["PQ"] - p[0],
                      "PQ^Th paper": p[1], "PQ^Th ours": pan["PQ_Th"], "PQ^St paper": p[2], "PQ^St ours": pan["PQ_St"]})
     return Table("table5", "Table 5: matching with boxes vs masks (panoptic)", pd.DataFrame(rows),
-                 provenance(ctx, start, seconds, f"synthetic panoptic, K={k}" if ctx.profile.synthetic else "COCO"),
+                 provenance(ctx, start, seconds, ("synthetic panoptic, " if ctx.profile.synthetic else "") + _setting(ctx, "COCO")),
                  ["The paper: mask matching beats box matching, most for stuff (PQ^St), whose boxes are uninformative."])
 
 
@@ -289,7 +297,7 @@ def table7(ctx: Context) -> Table:
     """Table VII: one MaskFormer read out with semantic vs general inference, beside PerPixelBaseline+."""
     from mfcore.training.evaluate import evaluate
 
-    start, k = time.perf_counter(), ctx.profile.base_classes
+    start = time.perf_counter()
     rows, seconds = [], 0.0
     groups = _runs_table4(ctx)
     ref = run_seeds(ctx, groups["perpixelplus"])
@@ -314,7 +322,7 @@ def table7(ctx: Context) -> Table:
                      "PQ^St delta": s["PQ_St"] - p[1], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],
                      "RQ^St paper": p[3], "RQ^St ours": s["RQ_St"]})
     return Table("table7", "Table VII: semantic vs general inference (mIoU / PQ^St / SQ^St / RQ^St)",
-                 pd.DataFrame(rows), provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 pd.DataFrame(rows), provenance(ctx, start, seconds, _setting(ctx)),
                  ["The paper: general inference (threshold 0.3) trades mIoU for PQ^St: fewer false-positive segments."])
 
 

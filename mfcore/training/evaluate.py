@@ -43,7 +43,7 @@ from mfcore.training.checkpoint import (
     configs_from_checkpoint,
     load_trained_model,
 )
-from mfcore.training.runtime import build_run_dataset, resolve_device
+from mfcore.training.runtime import checkpoint_dataset, resolve_device
 
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
 
@@ -199,10 +199,7 @@ def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: b
     model, ckpt = load_trained_model(checkpoint)
     preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
     model.to(device)
-    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
-    if dataset.num_classes != model_cfg.num_classes:
-        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
-                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    dataset = checkpoint_dataset(checkpoint, model_cfg, train_cfg, data_root, split)
     start = time.perf_counter()
     metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images, inference)
     result = {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, "tta": tta,

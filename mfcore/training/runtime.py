@@ -64,6 +64,16 @@ def build_run_dataset(name: str, data_root: str | Path | None, split: str, trans
     return build_dataset(name, Path(data_root), split, transform)
 
 
+def checkpoint_dataset(checkpoint: str | Path, model_cfg: Any, train_cfg: Any, data_root: str | Path | None,
+                       split: str) -> Any:
+    """The `split` of the dataset a checkpoint was trained on, checked to have the classes it predicts."""
+    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
+                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    return dataset
+
+
 @contextmanager
 def forked_rng(seed: int) -> Iterator[None]:
     """Run a block with torch / numpy / Python RNGs seeded by `seed`, then restore their previous states
@@ -140,5 +150,5 @@ class ResumableBatchSampler:
                 batch += 1
 
 
-__all__ = ["resolve_device", "seed_everything", "default_synthetic_root",
+__all__ = ["resolve_device", "seed_everything", "default_synthetic_root", "checkpoint_dataset",
            "build_run_dataset", "forked_rng", "SeededSamples", "ResumableBatchSampler"]
