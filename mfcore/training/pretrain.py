@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from mfcore.config import PIXEL_MEAN, PIXEL_STD
 from mfcore.data import make_classification_set
+from mfcore.data.synthetic_writer import generate_once
 from mfcore.files import write_json
 from mfcore.modeling.backbones import build_backbone
 from mfcore.training.checkpoint import save_checkpoint
@@ -79,9 +80,10 @@ def pretrain_backbone(cfg: PretrainConfig, out_path: str | Path, data_dir: str |
         report = json.loads(report_path.read_text())
         if report.get("config") == dataclasses.asdict(cfg):
             return report
-    if not (data_dir / "classification_meta.json").is_file():
-        make_classification_set(data_dir, cfg.num_classes, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed,
-                                num_primitives=cfg.num_primitives)
+    generate_once(data_dir, lambda out: make_classification_set(out, cfg.num_classes, cfg.num_train, cfg.num_val,
+                                                                 cfg.image_size, cfg.seed,
+                                                                 num_primitives=cfg.num_primitives),
+                  "classification_meta.json")
     dev = resolve_device(device)
     train_x, train_y = _load_folder(data_dir / "train")
     val_x, val_y = _load_folder(data_dir / "val")
