@@ -10,6 +10,10 @@ from dataclasses import dataclass
 from typing import Any
 
 ARCHS = ("maskformer", "perpixel", "perpixelplus")
+# ImageNet statistics in the 0..255 RGB range (the paper's pixel mean / std): the one copy, used by the
+# model's normalisation, the batch padding (padded with the mean, so it is 0 once normalised) and pretraining.
+PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 MATCHERS = ("hungarian", "fixed", "box", "perpixel")
 
 
@@ -34,8 +38,8 @@ class ModelConfig:
     gn_groups: int = 32               # GroupNorm groups in the pixel decoder (small models use fewer)
     drop_path: float = 0.0            # stochastic depth in Swin backbones (paper: 0.3)
     pretrained: str | None = None     # local backbone state-dict file; never downloaded
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0..255 scale
-    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    pixel_mean: tuple[float, float, float] = PIXEL_MEAN  # RGB, 0..255 scale
+    pixel_std: tuple[float, float, float] = PIXEL_STD
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:

@@ -17,6 +17,14 @@ PACKAGE = Path(__file__).resolve().parent
 REPO = PACKAGE.parent  # the source checkout (pyproject.toml, notebooks/, results/) when run from one
 
 
+def default_cache_dir() -> Path:
+    """Where generated datasets and pretrained backbones are cached unless a caller names another folder
+    (`Context.cache_dir`, `--cache-dir`): data/generated in the source checkout, or in the working
+    directory when mfcore is installed elsewhere."""
+    base = REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()
+    return base / "data" / "generated"
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Call `write(f)` on a temporary binary file, then rename it over `path` (parents created)."""
     path = Path(path)

@@ -25,9 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Images are padded with the pixel mean, so that after the model's own normalisation the padding is 0,
-# as in the released code (which pads the already-normalised images with zeros).
-PIXEL_MEAN_RGB = (123.675, 116.28, 103.53)
+# Images are padded with the pixel mean (the one copy is mfcore.config.PIXEL_MEAN), so that after the
+# model's own normalisation the padding is 0, as in the released code (which pads the already-normalised
+# images with zeros).
+from mfcore.config import PIXEL_MEAN
+
 # Released ADE20K-150 multi-scale test: short sides 256..896 (0.5x..1.75x of 512), long side <= 3584.
 ADE20K_TTA_SHORT_SIDES = (256, 384, 512, 640, 768, 896)
 ADE20K_TTA_MAX_SIZE = 3584
@@ -68,6 +70,59 @@ def semantic_inference(pred_logits: Tensor, pred_masks: Tensor, inplace: bool = 
     return torch.matmul(pixels, probs).unflatten(-2, (height, width)).movedim(-1, -3)
 
 
+def _confident_queries(pred_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """p_i(c_i) [N], c_i [N] (K = "no object") and which queries pass the class rules of general and
+    instance inference: c_i is a real class and p_i(c_i) > object_mask_threshold."""
+    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)
+    return scores, labels, (labels != pred_logits.shape[-1] - 1) & (scores > object_mask_threshold)
+
+
+# Per-query outcomes of general inference, in the order its rules apply (`panoptic_queries`).
+QUERY_STATUSES = ("no object", "below object threshold", "empty", "overlap", "kept")
+
+
+def panoptic_queries(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    object_mask_threshold: float = 0.8,
+    overlap_threshold: float = 0.8,
+) -> dict:
+    """The query-level decisions of general inference: which queries are kept, which pixels each wins.
+
+    The rules (the one place they live; `panoptic_inference` and the explorer apply them through here):
+    query i is dropped as "no object" if its most likely class c_i is "no object", as "below object
+    threshold" if p_i(c_i) <= object_mask_threshold; the others are candidates, and each pixel goes to
+    argmax over candidates of p_i(c_i) * sigmoid(m_i[h, w]); a candidate is then dropped as "empty" if it
+    wins no pixel or its own mask {sigmoid(m_i) >= 0.5} is empty, as "overlap" if the area it wins is
+    < overlap_threshold x its own area; the rest are "kept".
+
+    Args:
+        pred_logits: [N, K+1] class logits (last column "no object"); pred_masks: [N, H, W] mask logits.
+    Returns:
+        {"scores": [N] p_i(c_i), "labels": [N] c_i (K = no object), "candidates": [M] query indices passing
+        the class rules, "probs": [M, H, W] their sigmoid masks, "winner": [H, W] int64 index into
+        `candidates` of the candidate winning each pixel (None when M = 0), "won": [M] pixels each wins,
+        "area": [M] its own mask area, "status": N strings of QUERY_STATUSES}.
+    """
+    _check_pairs(pred_logits, pred_masks)
+    num_classes = pred_logits.shape[1] - 1
+    scores, labels, confident = _confident_queries(pred_logits, object_mask_threshold)
+    candidates = confident.nonzero().flatten()
+    probs = pred_masks[candidates].sigmoid()
+    winner, won, area = None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    if len(candidates):
+        winner = (scores[candidates, None, None] * probs).argmax(dim=0)  # [H, W]
+        won = torch.bincount(winner.flatten(), minlength=len(candidates)).cpu()
+        area = (probs >= 0.5).flatten(1).sum(dim=1).cpu()
+    status = ["no object" if int(c) == num_classes else "below object threshold" for c in labels.tolist()]
+    # the overlap rule in float64, as Python compares the ints with the threshold
+    dropped = (won == 0) | (area == 0) | (won.double() < overlap_threshold * area.double())
+    for j, q in enumerate(candidates.tolist()):
+        status[q] = ("empty" if won[j] == 0 or area[j] == 0 else "overlap") if dropped[j] else "kept"
+    return {"scores": scores, "labels": labels, "candidates": candidates, "probs": probs, "winner": winner,
+            "won": won, "area": area, "status": status}
+
+
 def panoptic_inference(
     pred_logits: Tensor,
     pred_masks: Tensor,
@@ -81,39 +136,24 @@ def panoptic_inference(
         pred_logits: [N, K+1] class logits; the last column is "no object".
         pred_masks: [N, H, W] mask logits at the output resolution.
         thing_ids: contiguous class indices (0..K-1) that are "things"; every other class is "stuff".
-        object_mask_threshold: a query is kept only if its most likely class c_i is not "no object"
-            and p_i(c_i) > this value.
-        overlap_threshold: a kept query is dropped (its pixels stay VOID) if the area it wins in the
-            argmax is < this fraction of its own mask area (sigmoid(m_i) >= 0.5).
+        object_mask_threshold, overlap_threshold: which queries are kept (`panoptic_queries`); the pixels
+            a dropped query wins stay VOID.
     Returns:
         segmentation: [H, W] int32 segment ids, 0 = VOID, ids start at 1.
         segments: one dict per segment, ``{"id", "category_id" (contiguous class index), "isthing",
             "score"}``; ``score`` is p_i(c_i) of the query (the highest one for merged stuff).
     """
-    _check_pairs(pred_logits, pred_masks)
-    num_classes = pred_logits.shape[1] - 1
-    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)  # [N], [N]
-    keep = (labels != num_classes) & (scores > object_mask_threshold)
-    scores, labels, masks = scores[keep], labels[keep], pred_masks[keep].sigmoid()
-
+    queries = panoptic_queries(pred_logits, pred_masks, object_mask_threshold, overlap_threshold)
     segmentation = torch.zeros(pred_masks.shape[-2:], dtype=torch.int32, device=pred_masks.device)
     segments: list[dict] = []
-    if masks.shape[0] == 0:
-        return segmentation, segments
-
-    # argmax_i p_i(c_i) * sigmoid(m_i[h, w]) over the kept queries only.
-    winner = (scores[:, None, None] * masks).argmax(dim=0)  # [H, W]
     thing_ids = {int(t) for t in thing_ids}
     stuff_segment: dict[int, dict] = {}  # class -> its single merged stuff segment
-    for i in range(masks.shape[0]):
-        assigned = winner == i
-        assigned_area = int(assigned.sum())
-        own_area = int((masks[i] >= 0.5).sum())
-        # Drop empty queries and queries mostly occluded by others (they would be false positives).
-        if assigned_area == 0 or own_area == 0 or assigned_area < overlap_threshold * own_area:
+    for j, q in enumerate(queries["candidates"].tolist()):
+        if queries["status"][q] != "kept":
             continue
-        category = int(labels[i])
-        score = float(scores[i])
+        assigned = queries["winner"] == j
+        category = int(queries["labels"][q])
+        score = float(queries["scores"][q])
         isthing = category in thing_ids
         if not isthing and category in stuff_segment:
             merged = stuff_segment[category]
@@ -167,9 +207,7 @@ def instance_inference(
         {"masks": [M, H, W] bool, "labels": [M] int64 (contiguous), "scores": [M] float}.
     """
     _check_pairs(pred_logits, pred_masks)
-    num_classes = pred_logits.shape[1] - 1
-    scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)
-    keep = (labels != num_classes) & (scores > object_mask_threshold)
+    scores, labels, keep = _confident_queries(pred_logits, object_mask_threshold)
     probs = pred_masks[keep].sigmoid()  # [M, H, W]
     masks = probs >= mask_threshold
     area = masks.flatten(1).sum(dim=1)
@@ -220,7 +258,7 @@ def pad_images(
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """Stack [3, H, W] images into [B, 3, Hp, Wp], padding bottom/right to a multiple of size_divisibility.
 
-    ``pad_value`` is one value or one per channel (pass ``PIXEL_MEAN_RGB`` to match the released code).
+    ``pad_value`` is one value or one per channel (pass ``PIXEL_MEAN`` to match the released code).
     Returns the batch and the (H, W) of every image.
     """
     if len(images) == 0:
@@ -247,7 +285,7 @@ def predict_semantic(
     image: Tensor,
     output_size: tuple[int, int] | None = None,
     size_divisibility: int = 32,
-    pad_value: float | Sequence[float] = PIXEL_MEAN_RGB,
+    pad_value: float | Sequence[float] = PIXEL_MEAN,
 ) -> Tensor:
     """Single-scale semantic scores [K, H_out, W_out] for one float RGB image [3, H, W] in 0..255.
 
@@ -271,17 +309,22 @@ def predict_semantic(
     raise ValueError(f"model outputs need 'pred_logits'/'pred_masks' or 'sem_seg_logits', got {sorted(outputs)}")
 
 
+def shortest_edge_size(height: int, width: int, short_side: int, max_size: int | None) -> tuple[int, int]:
+    """(H, W) with the short side ``short_side`` and the long side at most ``max_size`` (None: no cap),
+    rounded as detectron2's ResizeShortestEdge does; training augmentation and test-time resizing share it."""
+    scale = short_side / min(height, width)
+    if max_size is not None and max(height, width) * scale > max_size:
+        scale = max_size / max(height, width)
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
 def resize_shortest_edge(image: Tensor, short_side: int, max_size: int) -> Tensor:
     """Resize [3, H, W] so its short side is ``short_side`` and its long side at most ``max_size``.
 
     Sizes are rounded as detectron2's ResizeShortestEdge does; bilinear with antialiasing, close to the
     PIL resize the released pipeline uses on uint8 images.
     """
-    h, w = image.shape[-2:]
-    scale = short_side / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    new_size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    new_size = shortest_edge_size(int(image.shape[-2]), int(image.shape[-1]), short_side, max_size)
     return F.interpolate(image[None], size=new_size, mode="bilinear", align_corners=False, antialias=True)[0]
 
 

@@ -3,7 +3,8 @@
 * ``SemSegEvaluator``: mIoU / pixel accuracy / mean class accuracy from a dataset-level confusion matrix,
   counted as detectron2's evaluator (which produced the paper's numbers) counts them: a class enters the
   means only if it occurs in the ground truth.
-* ``mask_ap``: COCO mask AP through pycocotools.
+* ``MaskAPAccumulator`` / ``mask_ap``: COCO mask AP through pycocotools (the instance output of panoptic
+  datasets in ``mfcore.training.evaluate``).
 * Panoptic quality (PQ, and PQ^St of semantic predictions) lives in ``mfcore.panoptic_quality``.
 """
 
@@ -13,6 +14,7 @@ import contextlib
 import io
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,9 +35,6 @@ class SemSegEvaluator:
         self.num_classes = num_classes
         self.ignore_label = ignore_label
         self.conf = torch.zeros(num_classes, num_classes + 1, dtype=torch.int64)
-
-    def reset(self) -> None:
-        self.conf.zero_()
 
     def _labels(self, values: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
         values = torch.as_tensor(values).cpu().long().flatten()
@@ -58,12 +57,6 @@ class SemSegEvaluator:
         counts = torch.bincount(gt[valid] * width + pred, minlength=self.num_classes * width)
         self.conf += counts.reshape(self.num_classes, width)
 
-    def merge(self, other: SemSegEvaluator) -> None:
-        """Add another evaluator's counts (e.g. gathered from another process)."""
-        if other.conf.shape != self.conf.shape:
-            raise ValueError(f"cannot merge confusion matrices {tuple(other.conf.shape)} and {tuple(self.conf.shape)}")
-        self.conf += other.conf
-
     def sync(self) -> None:
         """Sum the confusion matrices of all processes (call once, after the last update)."""
         if not (dist.is_available() and dist.is_initialized()):
@@ -71,14 +64,6 @@ class SemSegEvaluator:
         conf = self.conf.cuda() if dist.get_backend() == "nccl" else self.conf.clone()
         dist.all_reduce(conf)
         self.conf = conf.cpu()
-
-    def state_dict(self) -> dict:
-        return {"num_classes": self.num_classes, "ignore_label": self.ignore_label, "conf": self.conf.clone()}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        if state["num_classes"] != self.num_classes:
-            raise ValueError(f"state has {state['num_classes']} classes, evaluator has {self.num_classes}")
-        self.conf = torch.as_tensor(state["conf"], dtype=torch.int64).clone()
 
     def compute(self) -> dict:
         """{"mIoU", "pixel_acc", "mAcc", "per_class_iou"} in percent; per-class IoU is nan for classes
@@ -100,53 +85,88 @@ class SemSegEvaluator:
         }
 
 
-def mask_ap(gts: Sequence[Mapping], preds: Sequence[Mapping], num_classes: int) -> dict[str, float]:
-    """COCO mask AP (pycocotools COCOeval, iouType "segm"), in percent.
+class MaskAPAccumulator:
+    """COCO mask AP (pycocotools COCOeval, iouType "segm") over images added one at a time: masks are
+    run-length encoded as they arrive, so a dataset's worth of full-resolution masks is never held.
+    Labels are contiguous 0..K-1; `sync` gathers the images of all processes (call once, before compute)."""
 
-    Args:
-        gts: per image ``{"masks": [M, H, W] bool, "labels": [M], "iscrowd": [M] (optional)}``.
-        preds: per image ``{"masks": [M', H, W] bool, "labels": [M'], "scores": [M']}`` (e.g. from
-            ``instance_inference``); labels are contiguous 0..K-1.
-    Returns:
-        {"AP", "AP50", "AP75", "APs", "APm", "APl"}; nan where COCOeval has no ground truth (-1).
-    """
-    from pycocotools import mask as mask_util
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
+    KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
-    if len(gts) != len(preds):
-        raise ValueError(f"got {len(gts)} ground-truth images and {len(preds)} predictions")
+    def __init__(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.images: list[dict] = []
+        self.annotations: list[dict] = []
+        self.detections: list[dict] = []
 
-    def encode(mask) -> dict:
+    @staticmethod
+    def _encode(mask: Any) -> dict:
+        from pycocotools import mask as mask_util
+
         rle = mask_util.encode(np.asfortranarray(np.asarray(mask, dtype=np.uint8)))
         rle["counts"] = rle["counts"].decode("ascii")
         return rle
 
-    images, annotations, detections = [], [], []
-    for image_id, (gt, pred) in enumerate(zip(gts, preds), start=1):
-        gt_masks = np.asarray(gt["masks"], dtype=bool)
-        images.append({"id": image_id, "height": gt_masks.shape[-2], "width": gt_masks.shape[-1]})
-        crowd = np.asarray(gt.get("iscrowd", np.zeros(len(gt_masks))), dtype=int)
-        for mask, label, is_crowd in zip(gt_masks, np.asarray(gt["labels"]), crowd):
-            rle = encode(mask)
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
-                "segmentation": rle, "area": float(mask_util.area(rle)),
-                "bbox": mask_util.toBbox(rle).tolist(), "iscrowd": int(is_crowd),
-            })
-        for mask, label, score in zip(np.asarray(pred["masks"]), np.asarray(pred["labels"]), np.asarray(pred["scores"])):
-            detections.append({"image_id": image_id, "category_id": int(label),
-                               "segmentation": encode(mask), "score": float(score)})
-    keys = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-    if not detections:
-        return dict.fromkeys(keys, 0.0)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
-        coco_gt = COCO()
-        coco_gt.dataset = {"images": images, "annotations": annotations,
-                           "categories": [{"id": c} for c in range(num_classes)]}
-        coco_gt.createIndex()
-        evaluator = COCOeval(coco_gt, coco_gt.loadRes(detections), iouType="segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {k: (float(v) * 100 if v >= 0 else math.nan) for k, v in zip(keys, evaluator.stats[:6])}
+    def add(self, gt: Mapping, pred: Mapping) -> None:
+        """One image. gt: ``{"masks": [M, H, W] bool, "labels": [M], "iscrowd": [M] (optional)}``; pred:
+        ``{"masks": [M', H, W] bool, "labels": [M'], "scores": [M']}`` (e.g. from ``instance_inference``)."""
+        from pycocotools import mask as mask_util
+
+        gt_masks = np.asarray(to_numpy(gt["masks"]), dtype=bool)
+        image_id = len(self.images) + 1
+        self.images.append({"id": image_id, "height": gt_masks.shape[-2], "width": gt_masks.shape[-1]})
+        crowd = np.asarray(to_numpy(gt.get("iscrowd", np.zeros(len(gt_masks)))), dtype=int)
+        for mask, label, is_crowd in zip(gt_masks, to_numpy(gt["labels"]), crowd):
+            rle = self._encode(mask)
+            self.annotations.append({"image_id": image_id, "category_id": int(label), "segmentation": rle,
+                                     "area": float(mask_util.area(rle)), "bbox": mask_util.toBbox(rle).tolist(),
+                                     "iscrowd": int(is_crowd)})
+        for mask, label, score in zip(to_numpy(pred["masks"]), to_numpy(pred["labels"]), to_numpy(pred["scores"])):
+            self.detections.append({"image_id": image_id, "category_id": int(label),
+                                    "segmentation": self._encode(mask), "score": float(score)})
+
+    def sync(self) -> None:
+        """Collect every process's images (renumbered) into this accumulator."""
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        parts: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, (self.images, self.annotations, self.detections))
+        self.images, self.annotations, self.detections = [], [], []
+        for part_images, part_annotations, part_detections in parts:
+            offset = len(self.images)
+            self.images += [{**im, "id": im["id"] + offset} for im in part_images]
+            self.annotations += [{**a, "image_id": a["image_id"] + offset} for a in part_annotations]
+            self.detections += [{**d, "image_id": d["image_id"] + offset} for d in part_detections]
+
+    def compute(self) -> dict[str, float]:
+        """{"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent; nan where COCOeval has no ground truth (-1),
+        0 when nothing was predicted."""
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        if not self.detections:
+            return dict.fromkeys(self.KEYS, 0.0)
+        annotations = [{**a, "id": i} for i, a in enumerate(self.annotations, start=1)]
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress
+            coco_gt = COCO()
+            coco_gt.dataset = {"images": self.images, "annotations": annotations,
+                               "categories": [{"id": c} for c in range(self.num_classes)]}
+            coco_gt.createIndex()
+            evaluator = COCOeval(coco_gt, coco_gt.loadRes(self.detections), iouType="segm")
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+        return {k: (float(v) * 100 if v >= 0 else math.nan) for k, v in zip(self.KEYS, evaluator.stats[:6])}
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    return value.cpu().numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+
+
+def mask_ap(gts: Sequence[Mapping], preds: Sequence[Mapping], num_classes: int) -> dict[str, float]:
+    """COCO mask AP of whole lists of images (`MaskAPAccumulator`), in percent."""
+    if len(gts) != len(preds):
+        raise ValueError(f"got {len(gts)} ground-truth images and {len(preds)} predictions")
+    accumulator = MaskAPAccumulator(num_classes)
+    for gt, pred in zip(gts, preds):
+        accumulator.add(gt, pred)
+    return accumulator.compute()

@@ -12,29 +12,14 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 VOID = 0  # segment id of unlabeled pixels in COCO panoptic PNGs
 _OFFSET = 256**3  # larger than any RGB-encoded id, so gt_id * _OFFSET + pred_id is unique
-
-
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """[H, W, 3] uint8 COCO panoptic PNG -> [H, W] int64 ids, id = R + 256 G + 256^2 B."""
-    rgb = np.asarray(rgb, dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """[H, W] ids -> [H, W, 3] uint8 (inverse of ``rgb_to_id``)."""
-    ids = np.asarray(ids, dtype=np.int64)
-    return np.stack([ids % 256, ids // 256 % 256, ids // 65536 % 256], axis=-1).astype(np.uint8)
 
 
 def _isthing_by_category(categories: Sequence[Mapping] | Mapping[int, Mapping]) -> dict[int, bool]:
@@ -189,45 +174,3 @@ class PQAccumulator:
             result[name]["n"] = n
         result["per_class"] = per_class
         return result
-
-
-def _read_panoptic_png(path: Path) -> np.ndarray:
-    if not path.is_file():
-        raise FileNotFoundError(f"panoptic PNG not found: {path}")
-    with Image.open(path) as image:
-        return rgb_to_id(np.asarray(image.convert("RGB")))
-
-
-def pq_from_files(
-    gt_json: str | Path,
-    gt_folder: str | Path,
-    pred_json: str | Path,
-    pred_folder: str | Path,
-    categories: Sequence[Mapping] | None = None,
-) -> dict:
-    """PQ over COCO-panoptic files (JSON with "annotations" [{"image_id", "file_name", "segments_info"}]
-    + RGB-id PNGs). ``categories`` defaults to the ground-truth JSON's. Returns ``PQAccumulator.compute()``."""
-    gt_data = json.loads(Path(gt_json).read_text())
-    pred_data = json.loads(Path(pred_json).read_text())
-    categories = categories if categories is not None else gt_data.get("categories")
-    if not categories:
-        raise ValueError(f"no categories given and none in {gt_json}")
-    gt_anns = {a["image_id"]: a for a in gt_data["annotations"]}
-    pred_anns = {a["image_id"]: a for a in pred_data["annotations"]}
-    unknown = sorted(set(pred_anns) - set(gt_anns), key=str)
-    if unknown:
-        raise ValueError(f"{pred_json} has predictions for image ids {unknown[:5]} that are not in {gt_json}")
-    missing = sorted(set(gt_anns) - set(pred_anns), key=str)
-    if missing:
-        raise ValueError(f"{pred_json} has no prediction for image ids {missing[:5]} of {gt_json}")
-
-    accumulator = PQAccumulator(categories)
-    for image_id, gt_ann in gt_anns.items():
-        pred_ann = pred_anns[image_id]
-        gt_seg = _read_panoptic_png(Path(gt_folder) / gt_ann["file_name"])
-        pred_seg = _read_panoptic_png(Path(pred_folder) / pred_ann["file_name"])
-        try:
-            accumulator.add(gt_seg, gt_ann["segments_info"], pred_seg, pred_ann["segments_info"])
-        except ValueError as err:
-            raise ValueError(f"image id {image_id}: {err}") from err
-    return accumulator.compute()

@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from mfcore.config import LossConfig, ModelConfig, TrainConfig
+from mfcore.config import LossConfig, ModelConfig, TrainConfig, override
+from mfcore.data.catalog import SYNTHETIC
 
 
 @dataclass
@@ -61,20 +62,60 @@ SMALL_DATASETS: dict[str, tuple[int, dict]] = {
 SMALL_BACKBONES = ("tiny", "r18")
 
 
+def one_query_per_class(model: ModelConfig, loss: LossConfig) -> bool:
+    """Whether the model has N = K queries, query i standing for class i: PerPixelBaseline+ (its queries
+    are the class embeddings) and the fixed-matching MaskFormer of Table 4a. The one place this rule lives."""
+    return model.arch == "perpixelplus" or loss.matcher == "fixed"
+
+
+def with_classes(model: ModelConfig, loss: LossConfig, num_classes: int) -> ModelConfig:
+    """`model` for K = `num_classes`, keeping N = K where `one_query_per_class`."""
+    fields = {"num_classes": num_classes}
+    if one_query_per_class(model, loss):
+        fields["num_queries"] = num_classes
+    return override(model, **fields)
+
+
+def adapt_to_data(preset: Preset, model: ModelConfig, num_classes: int, explicit: dict | None = None) -> ModelConfig:
+    """The model config of a run of `preset` on a dataset with K = `num_classes` classes.
+
+    K comes from the data. The synthetic presets take it (and N = K where `one_query_per_class`); a real
+    dataset must have its preset's K. `explicit`: the ModelConfig fields the user set (e.g. --set); an
+    explicit num_classes, or an explicit num_queries of an N = K model, that differs from the data's K is
+    an error naming both values, never silently replaced.
+    """
+    explicit = explicit or {}
+    for key in ("num_classes", "num_queries"):
+        if key in explicit and explicit[key] != num_classes and (
+                key == "num_classes" or one_query_per_class(model, preset.loss)):
+            rule = "" if key == "num_classes" else f" (a {model.arch} model with the {preset.loss.matcher} " \
+                                                    f"matcher has one query per class, N = K)"
+            raise ValueError(f"{key}={explicit[key]} was set explicitly, but the {preset.train.dataset} data has "
+                             f"K={num_classes} classes{rule}")
+    if num_classes == model.num_classes:
+        return model
+    if preset.train.dataset not in SYNTHETIC:
+        raise ValueError(f"dataset {preset.train.dataset} has {num_classes} classes but the model has "
+                         f"{model.num_classes} (preset {preset.name})")
+    return with_classes(model, preset.loss, num_classes)
+
+
 def _model_variant(model: str, num_classes: int, base: ModelConfig) -> tuple[ModelConfig, LossConfig]:
-    """Model/loss configs of one of MODELS on top of a base config."""
+    """Model/loss configs of one of MODELS on top of a base config (of K = num_classes)."""
     r = dataclasses.replace
     if model == "maskformer":
-        return base, LossConfig()
-    if model == "maskformer-fixed":  # Table 4a: N = K, query i <-> class i
-        return r(base, num_queries=num_classes), LossConfig(matcher="fixed")
-    if model == "maskformer-boxmatch":  # Table 5: DETR box head and box costs
-        return r(base, box_head=True), LossConfig(matcher="box")
-    if model == "perpixel":
-        return r(base, arch="perpixel"), LossConfig(matcher="perpixel")
-    if model == "perpixelplus":
-        return r(base, arch="perpixelplus", num_queries=num_classes), LossConfig(matcher="perpixel")
-    raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+        variant, loss = base, LossConfig()
+    elif model == "maskformer-fixed":  # Table 4a: N = K, query i <-> class i
+        variant, loss = base, LossConfig(matcher="fixed")
+    elif model == "maskformer-boxmatch":  # Table 5: DETR box head and box costs
+        variant, loss = r(base, box_head=True), LossConfig(matcher="box")
+    elif model == "perpixel":
+        variant, loss = r(base, arch="perpixel"), LossConfig(matcher="perpixel")
+    elif model == "perpixelplus":
+        variant, loss = r(base, arch="perpixelplus"), LossConfig(matcher="perpixel")
+    else:
+        raise ValueError(f"unknown model {model!r}; expected one of {MODELS}")
+    return with_classes(variant, loss, num_classes), loss
 
 
 def _make(dataset: str, model: str, backbone: str, num_classes: int, train_fields: dict, small: bool) -> Preset:

@@ -72,7 +72,7 @@ def test_mapillary_maps_65_to_ignore(tmp_path):
     base = tmp_path / "mapillary_vistas"
     _image(base / "training/images/abc.jpg")
     _label(base / "training/v1.2/labels/abc.png", _stripes([0, 64, 65, 3]), mode="P")
-    ds = build_dataset("mapillary_vistas", tmp_path, "train")
+    ds = build_dataset("mapillary", tmp_path, "train")
     assert ds.num_classes == 65
     assert ds[0]["sem_seg"][0, :4].tolist() == [0, 64, 255, 3]
 
@@ -81,7 +81,7 @@ def test_coco_stuff_10k_reads_prepared_labels(tmp_path):
     base = tmp_path / "coco/coco_stuff_10k"
     _image(base / "images_detectron2/test/COCO_train2014_000000000077.jpg")
     _label(base / "annotations_detectron2/test/COCO_train2014_000000000077.png", _stripes([0, 170, 255, 80]))
-    ds = build_dataset("coco_stuff_10k", tmp_path, "val")
+    ds = build_dataset("coco-stuff", tmp_path, "val")
     assert ds.num_classes == 171 and ds.thing_ids == tuple(range(80))
     assert ds.class_names[80] == "banner" and ds.class_names[170] == "wood"
     assert ds[0]["sem_seg"][0, :4].tolist() == [0, 170, 255, 80]
@@ -92,7 +92,7 @@ def test_ade20k_full_16bit_labels_and_65535_ignore(tmp_path):
     _image(base / "images_detectron2/validation/ADE_frame_1.jpg")
     values = _stripes([0, 255, 846, 65535, 300], dtype=np.uint16)
     _label(base / "annotations_detectron2/validation/ADE_frame_1.tif", values)
-    ds = build_dataset("ade20k_full", tmp_path, "val")
+    ds = build_dataset("ade20k-full", tmp_path, "val")
     assert ds.num_classes == 847 and ds.ignore_label == 65535
     s = ds[0]
     assert s["sem_seg"][0, :5].tolist() == [0, 255, 846, 65535, 300]
@@ -132,7 +132,7 @@ def _coco_fixture(root: Path) -> dict:
 
 def test_coco_panoptic_decodes_rgb_ids_and_drops_crowd(tmp_path):
     _coco_fixture(tmp_path)
-    ds = build_dataset("coco_panoptic", tmp_path, "val")
+    ds = build_dataset("coco-panoptic", tmp_path, "val")
     assert ds.class_names == ["car", "person", "sky"] and ds.thing_ids == (0, 1)
     s = ds[0]
     assert s["pan_seg"][0].tolist() == [300, 300, 5, 5, 70000, 70000, 70000, 0]
@@ -147,7 +147,7 @@ def test_ade20k_panoptic_layout(tmp_path):
     base = tmp_path / "ADEChallengeData2016"
     _write_panoptic(tmp_path, base / "ade20k_panoptic_train.json", base / "ade20k_panoptic_train",
                     base / "images/training", "ADE_train_00000001.jpg")
-    s = build_dataset("ade20k_panoptic", tmp_path, "train")[0]
+    s = build_dataset("ade20k-panoptic", tmp_path, "train")[0]
     assert s["labels"].tolist() == [1, 2]
 
 
@@ -159,10 +159,10 @@ def test_rgb_id_round_trip(tmp_path):
 
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("name, expected", [
-    ("ade20k", "ADEChallengeData2016"), ("ade20k_full", "ADE20K_2021_17_01"),
-    ("coco_stuff_10k", "coco/coco_stuff_10k"), ("cityscapes", "cityscapes"),
-    ("mapillary_vistas", "mapillary_vistas"), ("coco_panoptic", "coco"),
-    ("ade20k_panoptic", "ADEChallengeData2016")])
+    ("ade20k", "ADEChallengeData2016"), ("ade20k-full", "ADE20K_2021_17_01"),
+    ("coco-stuff", "coco/coco_stuff_10k"), ("cityscapes", "cityscapes"),
+    ("mapillary", "mapillary_vistas"), ("coco-panoptic", "coco"),
+    ("ade20k-panoptic", "ADEChallengeData2016")])
 def test_missing_layout_names_expected_path(tmp_path, name, expected):
     with pytest.raises(FileNotFoundError) as err:
         build_dataset(name, tmp_path, "train")
@@ -204,10 +204,10 @@ def test_label_size_mismatch_names_both_files(tmp_path):
 @pytest.mark.parametrize("name, folder, bad", [
     ("ade20k", "ADEChallengeData2016/annotations/training", 151),
     ("cityscapes", None, 19),
-    ("coco_stuff_10k", "coco/coco_stuff_10k/annotations_detectron2/train", 171)])
+    ("coco-stuff", "coco/coco_stuff_10k/annotations_detectron2/train", 171)])
 def test_label_value_out_of_range_names_file_and_value(tmp_path, name, folder, bad):
     images = {"ade20k": "ADEChallengeData2016/images/training",
-              "coco_stuff_10k": "coco/coco_stuff_10k/images_detectron2/train"}
+              "coco-stuff": "coco/coco_stuff_10k/images_detectron2/train"}
     if name == "cityscapes":
         _image(tmp_path / "cityscapes/leftImg8bit/train/x/x_1_leftImg8bit.png")
         label = tmp_path / "cityscapes/gtFine/train/x/x_1_gtFine_labelTrainIds.png"
@@ -224,7 +224,7 @@ def test_panoptic_json_naming_missing_png(tmp_path):
     data["annotations"][0]["file_name"] = "gone.png"
     (tmp_path / "coco/annotations/panoptic_val2017.json").write_text(json.dumps(data))
     with pytest.raises(FileNotFoundError, match=str(tmp_path / "coco/annotations/panoptic_val2017/gone.png")):
-        build_dataset("coco_panoptic", tmp_path, "val")
+        build_dataset("coco-panoptic", tmp_path, "val")
 
 
 def test_panoptic_png_with_unlisted_segment(tmp_path):
@@ -232,7 +232,7 @@ def test_panoptic_png_with_unlisted_segment(tmp_path):
     data["annotations"][0]["segments_info"].pop()  # segment 70000 is in the PNG but not listed
     (tmp_path / "coco/annotations/panoptic_val2017.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match=r"p1.png has segment ids \[70000\]"):
-        build_dataset("coco_panoptic", tmp_path, "val")[0]
+        build_dataset("coco-panoptic", tmp_path, "val")[0]
 
 
 def test_unknown_name_and_split(tmp_path):
@@ -241,3 +241,24 @@ def test_unknown_name_and_split(tmp_path):
     (tmp_path / "ADEChallengeData2016").mkdir()
     with pytest.raises(ValueError, match="unknown split 'dev'"):
         build_dataset("ade20k", tmp_path, "dev")
+
+
+# ----------------------------------------------------------------------------- dataset names
+def test_one_spelling_per_dataset_and_aliases(tmp_path):
+    from mfcore.data import DATASETS
+    from mfcore.data.catalog import DATASET_ALIASES, DATASET_NAMES, dataset_name
+    from mfcore.presets import DATASETS as PRESET_DATASETS
+    from mfcore.presets import SMALL_DATASETS
+
+    assert tuple(DATASETS) == DATASET_NAMES  # the readers are keyed by the one spelling
+    assert set(PRESET_DATASETS) | set(SMALL_DATASETS) <= set(DATASET_NAMES)
+    assert {dataset_name(n) for n in DATASET_NAMES} == set(DATASET_NAMES)
+    assert dataset_name("ade20k_full") == "ade20k-full" and dataset_name("mapillary_vistas") == "mapillary"
+    assert set(DATASET_ALIASES.values()) <= set(DATASET_NAMES) and not set(DATASET_ALIASES) & set(DATASET_NAMES)
+    with pytest.raises(ValueError, match="unknown dataset 'ade20k full'.*ade20k-full"):
+        dataset_name("ade20k full")
+    # a former spelling reads the same dataset, under its one name
+    base = tmp_path / "ADE20K_2021_17_01"
+    _image(base / "images_detectron2/validation/a.jpg")
+    _label(base / "annotations_detectron2/validation/a.tif", _stripes([0, 846], dtype=np.uint16))
+    assert build_dataset("ade20k_full", tmp_path, "val").name == "ade20k-full"

@@ -52,7 +52,7 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path, scenes, monkeypatch):
 
 def test_semantic_layout_read_by_ade20k_reader(scenes):
     ds = build_dataset("ade20k", scenes, "train")
-    assert (ds.name, ds.num_classes, len(ds), ds.ignore_label) == ("synthetic_semantic", 12, 6, 255)
+    assert (ds.name, ds.num_classes, len(ds), ds.ignore_label) == ("synthetic", 12, 6, 255)
     assert ds.thing_ids == tuple(range(round(0.4 * 12)))
     for i in range(len(ds)):
         raw = np.asarray(Image.open(scenes / f"ADEChallengeData2016/annotations/training/syn_train_{i:06d}.png"))
@@ -63,8 +63,8 @@ def test_semantic_layout_read_by_ade20k_reader(scenes):
 
 
 def test_panoptic_layout_agrees_with_semantic_layout(scenes):
-    semantic = build_dataset("synthetic_semantic", scenes, "val")
-    panoptic = build_dataset("synthetic_panoptic", scenes, "val")
+    semantic = build_dataset("synthetic", scenes, "val")
+    panoptic = build_dataset("synthetic-panoptic", scenes, "val")
     assert panoptic.thing_ids == semantic.thing_ids and panoptic.class_names == semantic.class_names
     for i in range(len(panoptic)):
         p, s = panoptic[i], semantic[i]
@@ -167,7 +167,7 @@ def test_hue_design_is_deterministic_and_recorded_in_the_meta(tmp_path):
     first = Image.open(tmp_path / "a/ADEChallengeData2016/images/training/syn_train_000000.png").tobytes()
     second = Image.open(tmp_path / "a/ADEChallengeData2016/images/training/syn_train_000001.png").tobytes()
     assert first != second
-    ds = build_dataset("synthetic_semantic", tmp_path / "a", "train")
+    ds = build_dataset("synthetic", tmp_path / "a", "train")
     assert ds.num_classes == 32 and ds.thing_ids == tuple(range(13))
     meta = json.loads((tmp_path / "a/ADEChallengeData2016/synthetic_meta.json").read_text())
     assert meta["design"] == "hue" and sorted(meta["class_hue"]) == [k * 360 / 32 for k in range(32)]
@@ -269,3 +269,38 @@ def test_image_context_explains_little_once_hue_neighbours_share_a_scene():
     context = separability("hue", 32, num_scenes=40, boxes=(9,), hue_context=4)
     assert independent["box_9_in_image"]["mIoU"] > context["box_9_in_image"]["mIoU"] + 8
     assert context["region"]["mIoU"] > context["box_9_in_image"]["mIoU"] + 30
+
+
+def test_ensure_synthetic_is_atomic_and_generated_once(tmp_path, monkeypatch):
+    import mfcore.data.synthetic_writer as writer
+    from mfcore.data import ensure_synthetic
+
+    options = {"num_classes": 4, "num_train": 2, "num_val": 1, "image_size": 32, "workers": 1}
+    real = writer.make_synthetic
+
+    def killed(out_dir, **kw):  # a run killed half-way through writing the set
+        real(out_dir, **kw)
+        (Path(out_dir) / "ADEChallengeData2016" / "synthetic_meta.json").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(writer, "make_synthetic", killed)
+    root = tmp_path / "cache" / "set"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_synthetic(root, **options)
+    assert not root.exists()  # readers never see the half-written set under its name
+    monkeypatch.setattr(writer, "make_synthetic", real)
+    assert ensure_synthetic(root, **options) == root and (root / "DONE").is_file()
+    assert build_dataset("synthetic", root, "train").num_classes == 4
+    assert sorted(p.name for p in root.parent.iterdir()) == ["set"]  # the temporary copies are gone
+
+    def fail(*args, **kw):
+        raise AssertionError("a complete set is never generated again")
+
+    monkeypatch.setattr(writer, "make_synthetic", fail)
+    assert ensure_synthetic(root, **options) == root
+    # a folder without the marker (e.g. written half-way by an older version) is replaced by a whole set
+    legacy = tmp_path / "cache" / "legacy"
+    (legacy / "ADEChallengeData2016").mkdir(parents=True)
+    monkeypatch.setattr(writer, "make_synthetic", real)
+    ensure_synthetic(legacy, **options)
+    assert (legacy / "DONE").is_file() and len(build_dataset("synthetic", legacy, "val")) == 1

@@ -9,7 +9,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from mfcore.data import PIXEL_MEAN, build_eval_transform, build_train_transform, collate
+from mfcore.data import PIXEL_MEAN, build_train_transform, collate
 from mfcore.data.transforms import (
     PadToSize,
     PhotometricDistortion,
@@ -87,12 +87,6 @@ def test_resize_shortest_edge_sizes():
     assert ResizeShortestEdge([7], None).output_size(2, 3, 7) == (7, 11)  # 10.5 rounds up
     out = resize(_sample(_blocks(30, 40)))
     assert out["image"].shape == (3, 256, 341) and out["sem_seg"].shape == (256, 341)
-
-
-def test_eval_transform_resizes_only_the_image():
-    out = build_eval_transform(short_side=64, max_size=1000)(_sample(_blocks(32, 48)))
-    assert out["image"].shape == (3, 64, 96) and out["sem_seg"].shape == (32, 48)
-    assert build_eval_transform(None)(_sample(_blocks(8, 8)))["image"].shape == (3, 8, 8)
 
 
 def test_category_area_crop_avoids_single_class_crops():

@@ -57,7 +57,7 @@ def val_set(tmp_path_factory) -> object:
     root: Path = tmp_path_factory.mktemp("diag")
     make_synthetic(root, num_classes=6, num_train=0, num_val=2, image_size=32, kind="semantic", workers=1,
                    design="hue")
-    return build_dataset("synthetic_semantic", root, "val")
+    return build_dataset("synthetic", root, "val")
 
 
 @pytest.mark.parametrize("preset, applicable", [("synthetic-maskformer-tiny", True),

@@ -8,11 +8,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfcore.inference import (
-    PIXEL_MEAN_RGB,
+    PIXEL_MEAN,
     general_semantic_inference,
     instance_inference,
     pad_images,
     panoptic_inference,
+    panoptic_queries,
     postprocess_masks,
     predict_semantic,
     predict_semantic_tta,
@@ -198,11 +199,11 @@ def test_postprocess_masks_equals_upsample_crop_resize(output_size):
 
 def test_pad_images():
     a, b = torch.full((3, 30, 40), 7.0), torch.full((3, 33, 20), 9.0)
-    batch, sizes = pad_images([a, b], size_divisibility=32, pad_value=PIXEL_MEAN_RGB)
+    batch, sizes = pad_images([a, b], size_divisibility=32, pad_value=PIXEL_MEAN)
     assert batch.shape == (2, 3, 64, 64)
     assert sizes == [(30, 40), (33, 20)]
     assert torch.all(batch[0, :, :30, :40] == 7.0) and torch.all(batch[1, :, :33, :20] == 9.0)
-    for c, mean in enumerate(PIXEL_MEAN_RGB):
+    for c, mean in enumerate(PIXEL_MEAN):
         assert torch.all(batch[0, c, 30:] == torch.tensor(mean))
         assert torch.all(batch[1, c, :, 20:] == torch.tensor(mean))
     batch, _ = pad_images([torch.zeros(3, 32, 32)], pad_value=1.0)
@@ -252,7 +253,7 @@ def test_predict_semantic_maskformer_fake_model():
     padded = model.seen[0]
     assert padded.shape == (1, 3, 32, 32)
     torch.testing.assert_close(padded[0, :, :20, :30], image)
-    assert padded[0, 0, 25, 5].item() == pytest.approx(PIXEL_MEAN_RGB[0])
+    assert padded[0, 0, 25, 5].item() == pytest.approx(PIXEL_MEAN[0])
     mask_logits = F.interpolate(masks[None], size=(8, 8), mode="nearest")[0]
     expected = semantic_inference(logits, postprocess_masks(mask_logits, (32, 32), (20, 30), (20, 30)))
     torch.testing.assert_close(scores, expected)
@@ -297,3 +298,24 @@ def test_tta_flip_symmetrises_position_bias():
     flipped = predict_semantic_tta(model, image, short_sides=(32,), flip=True)
     assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)
     torch.testing.assert_close(flipped, flipped.flip(-1))
+
+
+def test_panoptic_queries_decide_what_panoptic_inference_keeps():
+    torch.manual_seed(0)
+    # queries 0-3 each own a quadrant; 4-7 are random: between them every status occurs
+    logits, masks = torch.randn(8, 5) * 3, torch.randn(8, 16, 16) * 4
+    logits[:4] = -5.0
+    for q in range(4):
+        logits[q, q] = 5.0
+        masks[q] = -BIG
+        masks[q, 8 * (q // 2):8 * (q // 2) + 8, 8 * (q % 2):8 * (q % 2) + 8] = BIG
+    queries = panoptic_queries(logits, masks, 0.3, 0.8)
+    _, segments = panoptic_inference(logits, masks, thing_ids=range(4), object_mask_threshold=0.3,
+                                       overlap_threshold=0.8)
+    kept = [q for q, s in enumerate(queries["status"]) if s == "kept"]
+    assert len(segments) == len(kept) > 0  # all things: one segment per kept query
+    assert set(queries["status"]) <= {"no object", "below object threshold", "empty", "overlap", "kept"}
+    for j, q in enumerate(queries["candidates"].tolist()):
+        # the overlap rule on exact integers, as a reader would check it by hand
+        own, won = int((masks[q].sigmoid() >= 0.5).sum()), int((queries["winner"] == j).sum())
+        assert (queries["status"][q] == "kept") == (won > 0 and own > 0 and won >= 0.8 * own)

@@ -1,20 +1,15 @@
 """Tests of mfcore.metrics against hand-computed confusion matrices and PQ counts."""
 
-import json
 import math
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mfcore.metrics import SemSegEvaluator, mask_ap
 from mfcore.panoptic_quality import (
     PQAccumulator,
-    id_to_rgb,
     pq_compute_single,
-    pq_from_files,
-    rgb_to_id,
     semantic_categories,
     semantic_to_panoptic,
 )
@@ -52,7 +47,7 @@ def test_semseg_absent_classes_are_nan_and_excluded():
     assert out["mIoU"] == pytest.approx(100 * (2 / 3 + 1) / 2)
 
 
-def test_semseg_errors_and_merge():
+def test_semseg_errors_and_counts_add_up():
     ev = SemSegEvaluator(num_classes=3)
     with pytest.raises(ValueError, match="gt contains label 7"):
         ev.update(torch.zeros(2, 2, dtype=torch.long), torch.tensor([[0, 7], [0, 0]]))
@@ -60,15 +55,12 @@ def test_semseg_errors_and_merge():
         ev.update(torch.tensor([[0, -1], [0, 0]]), torch.zeros(2, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="shape"):
         ev.update(torch.zeros(2, 2, dtype=torch.long), torch.zeros(2, 3, dtype=torch.long))
-    a, b, both = SemSegEvaluator(3), SemSegEvaluator(3), SemSegEvaluator(3)
-    a.update(torch.tensor(PRED[0]), torch.tensor(GT[0]))
-    b.update(torch.tensor(PRED[1]), torch.tensor(GT[1]))
+    both = SemSegEvaluator(3)
     both.update(torch.tensor(PRED), torch.tensor(GT))
-    restored = SemSegEvaluator(3)
-    restored.load_state_dict(a.state_dict())
-    restored.merge(b)
-    restored.sync()  # no process group: a no-op
-    assert torch.equal(restored.conf, both.conf)
+    ev.update(torch.tensor(PRED[0]), torch.tensor(GT[0]))
+    ev.update(torch.tensor(PRED[1]), torch.tensor(GT[1]))
+    ev.sync()  # no process group: a no-op
+    assert torch.equal(ev.conf, both.conf)
 
 
 # ------------------------------------------------------------------------------------------- PQ
@@ -122,22 +114,10 @@ def test_pq_crowd_absorbs_only_its_own_class():
     assert stats[1]["fn"] == 1  # the person crowd is still no false negative
 
 
-def _write_panoptic(tmp_path, name, seg, segments, image_id=1):
-    folder = tmp_path / name
-    folder.mkdir()
-    Image.fromarray(id_to_rgb(seg)).save(folder / "img1.png")
-    data = {"annotations": [{"image_id": image_id, "file_name": "img1.png", "segments_info": segments}]}
-    if name == "gt":
-        data["categories"] = CATEGORIES
-    (tmp_path / f"{name}.json").write_text(json.dumps(data))
-    return tmp_path / f"{name}.json", folder
-
-
-def test_pq_from_files_hand_computed(tmp_path):
-    assert np.array_equal(rgb_to_id(id_to_rgb(PRED_SEG)), PRED_SEG)
-    gt_json, gt_dir = _write_panoptic(tmp_path, "gt", GT_SEG, GT_SEGMENTS)
-    pred_json, pred_dir = _write_panoptic(tmp_path, "pred", PRED_SEG, PRED_SEGMENTS)
-    out = pq_from_files(gt_json, gt_dir, pred_json, pred_dir)
+def test_pq_summary_hand_computed():
+    accumulator = PQAccumulator(CATEGORIES)
+    accumulator.add(GT_SEG, GT_SEGMENTS, PRED_SEG, PRED_SEGMENTS)
+    out = accumulator.compute()
     # person: PQ = 0.75 / (1 + 0.5 + 0.5) = 0.375, SQ 0.75, RQ 0.5; sky: 1, 1, 1; car: no TP/FP/FN, left out.
     assert out["per_class"][1] == pytest.approx({"pq": 37.5, "sq": 75.0, "rq": 50.0, "tp": 1, "fp": 1, "fn": 1})
     assert 3 not in out["per_class"]
@@ -146,22 +126,9 @@ def test_pq_from_files_hand_computed(tmp_path):
     assert out["Stuff"] == pytest.approx({"pq": 100.0, "sq": 100.0, "rq": 100.0, "n": 1})
 
 
-def test_pq_from_files_errors(tmp_path):
-    gt_json, gt_dir = _write_panoptic(tmp_path, "gt", GT_SEG, GT_SEGMENTS)
-    pred_json, pred_dir = _write_panoptic(tmp_path, "pred", PRED_SEG, PRED_SEGMENTS)
-    data = json.loads(pred_json.read_text())
-    data["annotations"][0]["file_name"] = "missing.png"
-    pred_json.write_text(json.dumps(data))
-    with pytest.raises(FileNotFoundError, match="missing.png"):
-        pq_from_files(gt_json, gt_dir, pred_json, pred_dir)
-    data["annotations"][0].update(file_name="img1.png", image_id=2)
-    pred_json.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"image ids \[2\] that are not in"):
-        pq_from_files(gt_json, gt_dir, pred_json, pred_dir)
-    data["annotations"][0].update(image_id=1, segments_info=PRED_SEGMENTS[:3])  # id 70000 unlisted
-    pred_json.write_text(json.dumps(data))
-    with pytest.raises(ValueError, match=r"image id 1: .*\[70000\] missing from its segments list"):
-        pq_from_files(gt_json, gt_dir, pred_json, pred_dir)
+def test_pq_unlisted_segment_is_an_error():
+    with pytest.raises(ValueError, match=r"\[70000\] missing from its segments list"):
+        PQAccumulator(CATEGORIES).add(GT_SEG, GT_SEGMENTS, PRED_SEG, PRED_SEGMENTS[:3])
 
 
 def test_pq_st_from_semantic_maps():

@@ -49,7 +49,7 @@ def _pixel_accuracy(model: torch.nn.Module, images: torch.Tensor, targets: list[
 def test_small_maskformer_overfits_one_batch(tmp_path):
     make_synthetic(tmp_path, num_classes=8, num_train=NUM_IMAGES, num_val=1, image_size=64, kind="semantic",
                    workers=1)
-    dataset = build_dataset("synthetic_semantic", tmp_path, "train")
+    dataset = build_dataset("synthetic", tmp_path, "train")
     images, targets = collate([dataset[i] for i in range(NUM_IMAGES)], ignore_label=dataset.ignore_label)
 
     preset = get_preset("synthetic-maskformer-tiny")

@@ -10,9 +10,9 @@ from mfcore.companion.tables import RUNS, planned_runs
 
 
 @pytest.fixture
-def smoke(tmp_path, monkeypatch):
-    monkeypatch.setenv("MFCORE_CACHE", str(tmp_path / "cache"))
-    return make_context("smoke", str(tmp_path / "results"), profile_overrides={"seeds": (0,)})
+def smoke(tmp_path):
+    return make_context("smoke", str(tmp_path / "results"), profile_overrides={"seeds": (0,)},
+                        cache_dir=str(tmp_path / "cache"))
 
 
 def test_planned_runs_cover_each_table_once(smoke):
@@ -34,13 +34,13 @@ def test_planned_runs_cover_each_table_once(smoke):
 def test_profile_overrides_reach_the_specs_and_provenance(smoke):
     assert smoke.profile.seeds == (0,)
     assert "seeds [0]" in smoke.profile.describe()
-    ctx = make_context("smoke", str(smoke.results_dir), profile_overrides={"iters": 2})
+    ctx = make_context("smoke", str(smoke.results_dir), profile_overrides={"iters": 2}, cache_dir=str(smoke.cache_dir))
     assert {s.train["iters"] for s in planned_runs(ctx, ["table4"])} == {2}
 
 
 def test_tables_command_trains_side_by_side_then_reuses(smoke, capsys):
     args = ["tables", "table4", "--profile", "smoke", "--results-dir", str(smoke.results_dir), "--seeds", "0",
-            "--workers", "2"]
+            "--workers", "2", "--cache-dir", str(smoke.cache_dir)]
     main(args)
     out = capsys.readouterr().out
     assert "training 3, 2 at a time" in out
@@ -52,12 +52,11 @@ def test_tables_command_trains_side_by_side_then_reuses(smoke, capsys):
     assert "3 of 3 runs already finished; training 0" in capsys.readouterr().out
 
 
-def test_reproduce_with_workers_trains_every_planned_run_first(tmp_path, monkeypatch):
+def test_reproduce_with_workers_trains_every_planned_run_first(tmp_path):
     import nbformat
 
     from mfcore.companion.reproduce import reproduce
 
-    monkeypatch.setenv("MFCORE_CACHE", str(tmp_path / "cache"))
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('profile: str = "smoke"  # profile')
     params.metadata["tags"] = ["parameters"]
@@ -69,7 +68,7 @@ def test_reproduce_with_workers_trains_every_planned_run_first(tmp_path, monkeyp
     summary = reproduce("smoke", results_dir=str(results), folder=tmp_path / "nbs", executed_dir=str(tmp_path / "ex"),
                         cache_dir=str(tmp_path / "cache"), workers=2)
     assert summary["parallel_training_seconds"] > 0 and list(summary["notebooks"]) == ["01_trivial.ipynb"]
-    ctx = make_context("smoke", str(results))
+    ctx = make_context("smoke", str(results), cache_dir=str(tmp_path / "cache"))
     assert all((ctx.runs_dir / s.name / "final.json").is_file() for s in planned_runs(ctx))
 
 

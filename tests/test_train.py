@@ -136,6 +136,7 @@ def test_perpixelplus_and_panoptic_runs_and_evaluate_writes_json(data_root, tmp_
     result = train("synthetic-panoptic-maskformer-tiny", run, data_root, train_overrides=dict(FAST, iters=2),
                    model_overrides=SMALL_MODEL, progress="off")
     assert set(result["eval"]["panoptic"]) >= {"PQ", "PQ_Th", "PQ_St", "SQ", "RQ", "per_class"}
+    assert set(result["eval"]["instance"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}  # things' mask AP
     out = evaluate(run / "last.pt", data_root)
     written = json.loads((run / "eval_val.json").read_text())
     assert out["output"] == str(run / "eval_val.json") and written["iteration"] == 2
@@ -203,6 +204,26 @@ def test_sigterm_saves_a_checkpoint_then_stops(data_root, tmp_path, monkeypatch)
     assert result["status"] == "interrupted" and result["signal"] == signal.SIGTERM
     assert load_checkpoint(tmp_path / "last.pt")["iteration"] == 2  # the step in flight was finished
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_k_comes_from_the_data_and_an_explicit_mismatch_is_an_error(data_root, tmp_path):
+    from mfcore.presets import adapt_to_data, one_query_per_class
+
+    fixed = get_preset("synthetic-maskformer-fixed-tiny")
+    assert one_query_per_class(fixed.model, fixed.loss) and fixed.model.num_queries == fixed.model.num_classes == 32
+    adapted = adapt_to_data(fixed, fixed.model, 6)
+    assert (adapted.num_classes, adapted.num_queries) == (6, 6)  # N = K follows the data's K
+    plain = get_preset("synthetic-maskformer-tiny")
+    assert adapt_to_data(plain, plain.model, 6).num_queries == plain.model.num_queries  # N is free there
+    with pytest.raises(ValueError, match=r"num_queries=20 was set explicitly, but .* K=6 .*N = K"):
+        adapt_to_data(fixed, fixed.model, 6, {"num_queries": 20})
+    real = get_preset("ade20k-maskformer-r50")
+    with pytest.raises(ValueError, match="ade20k has 6 classes but the model has 150"):
+        adapt_to_data(real, real.model, 6)
+    # through train(): an explicit K that the data does not have names both values
+    with pytest.raises(ValueError, match=r"num_classes=32 was set explicitly, but the synthetic data has K=6"):
+        train("synthetic-maskformer-tiny", tmp_path, data_root, train_overrides=dict(FAST, iters=1),
+              model_overrides=dict(SMALL_MODEL, num_classes=32), progress="off")
 
 
 def test_refuses_to_overwrite_or_resume_a_different_run(data_root, tmp_path):

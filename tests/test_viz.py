@@ -93,11 +93,6 @@ def test_overlay_blends_only_labelled_pixels():
 
 def test_plots_return_figures_with_expected_axes():
     rng = np.random.default_rng(0)
-    image = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
-    pred, gt = rng.integers(0, K, (8, 8)), np.full((8, 8), 255)
-    gt[:4] = 1
-    assert len(viz.plot_segmentation(image, pred, gt, class_names=["a", "b", "c"]).axes) == 3
-    assert len(viz.plot_segmentation(image, pred).axes) == 2
     assert len(viz.plot_masks_grid(rng.random((7, 8, 8)), [f"m{i}" for i in range(7)], ncols=3).axes) == 7
     records = [{"type": "train", "iter": 10, "loss": 3.0}, {"type": "eval", "iter": 10, "mIoU": 5.0},
                {"type": "train", "iter": 20, "loss": 2.0}]

@@ -1,6 +1,7 @@
 """Parameters and FLOPs counted the paper's way.
 
-FLOPs: one fused multiply-add = one flop (fvcore's convention, the paper's), model in eval mode, a zero
+The paper's "FLOPs" are multiply-adds: one fused multiply-add = one flop (fvcore's convention), hence
+`count_macs` (benchmarks/ counts real FLOPs, 2 per multiply-add, for throughput). Model in eval mode, a zero
 image at the preset's crop size, semantic inference included (masks upsampled to the image and
 combined with class probabilities). We count with `torch.utils.flop_counter.FlopCounterMode`, which
 counts matrix products and convolutions as 2 flops per multiply-add, and halve its total; like the
@@ -43,7 +44,7 @@ def semantic_forward(model: SegmentationModel, images: torch.Tensor) -> torch.Te
     return logits.softmax(dim=1)
 
 
-def count_flops(model: SegmentationModel, size: tuple[int, int]) -> int:
+def count_macs(model: SegmentationModel, size: tuple[int, int]) -> int:
     """Multiply-adds of one eval-mode forward + semantic inference on a zero image of `size` (H, W)."""
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
@@ -70,7 +71,8 @@ def count_flops(model: SegmentationModel, size: tuple[int, int]) -> int:
 
 def analyze(preset: str, size: tuple[int, int] | None = None, flops: bool = True) -> dict:
     """{"preset", "params", "params_by_module", "size", "flops"} for a named preset (built on the meta
-    device, so even Swin-L at 640 takes a second)."""
+    device, so even Swin-L at 640 takes a second); "flops" is the paper's FLOPs column: multiply-adds
+    (`count_macs`)."""
     from mfcore.modeling.models import build_model
     from mfcore.presets import get_preset
 
@@ -81,5 +83,10 @@ def analyze(preset: str, size: tuple[int, int] | None = None, flops: bool = True
     result = {"preset": preset, "params": count_parameters(model), "params_by_module": parameter_breakdown(model),
               "size": list(size)}
     if flops:
-        result["flops"] = count_flops(model, size)
+        result["flops"] = count_macs(model, size)
     return result
+
+
+# The former name, kept only until benchmarks/bench.py imports `count_macs` (its own `count_flops` in
+# bench_steps.py counts 2 flops per multiply-add); remove then.
+count_flops = count_macs

@@ -25,7 +25,7 @@ from mfcore.matcher import HungarianMatcher
 from mfcore.metrics import SemSegEvaluator
 from mfcore.training.checkpoint import configs_from_checkpoint, load_trained_model
 from mfcore.training.evaluate import mask_predictions
-from mfcore.training.runtime import build_run_dataset, resolve_device
+from mfcore.training.runtime import checkpoint_dataset, resolve_device
 
 _SURE = 50.0  # a logit that sigmoid / softmax read as certain
 
@@ -115,10 +115,7 @@ def diagnose_checkpoint(checkpoint: str | Path, data_root: str | Path | None = N
     matching cost weights. Returns that dict plus {"checkpoint", "iteration", "split"}."""
     model, ckpt = load_trained_model(checkpoint)
     _, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
-    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
-    if dataset.num_classes != model_cfg.num_classes:
-        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
-                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    dataset = checkpoint_dataset(checkpoint, model_cfg, train_cfg, data_root, split)
     run_device = resolve_device(device)
     matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_mask, loss_cfg.cost_dice)
     result = matching_diagnostic(model.to(run_device), dataset, train_cfg, matcher, run_device, max_images)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from mfcore.companion.profiles import Profile
-from mfcore.files import REPO, write_json
+from mfcore.files import REPO, default_cache_dir, write_json
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class Context:
     """Where a notebook's runs go and how they are run (from the notebook's parameters cell)."""
     profile: Profile
     results_dir: Path = Path("results")
-    cache_dir: Path = field(default_factory=lambda: Path(os.environ.get("MFCORE_CACHE", REPO / "data" / "generated")))
+    cache_dir: Path = field(default_factory=default_cache_dir)  # generated datasets, pretrained backbones
     data_root: str | None = None    # paper profile: folder holding one sub-folder per dataset
     device: str = "auto"
     progress: str = "log"
@@ -53,21 +53,19 @@ class Context:
 
 
 def synthetic_root(ctx: Context, num_classes: int, design: str | None = None) -> Path:
-    """The profile's synthetic scenes with K classes (semantic + panoptic layouts), generated once; `design`
-    replaces the profile's scene design (the other scene parameters stay the profile's)."""
-    from mfcore.data import make_synthetic
+    """The profile's synthetic scenes with K classes (semantic + panoptic layouts), generated once
+    (`mfcore.data.ensure_synthetic`); `design` replaces the profile's scene design (the other scene parameters
+    stay the profile's). The folder name only keeps sets apart: training reads K from the data."""
+    from mfcore.data import ensure_synthetic
 
     p = ctx.profile
     design = design or p.design
     context = p.hue_context if design == "hue" else 0
     tag = f"hue-c{context}" if design == "hue" else design
-    root = Path(ctx.cache_dir) / f"{p.name}-{tag}-s{p.image_size}-n{p.num_train}-k{num_classes}"
-    if not (root / "DONE").is_file():
-        make_synthetic(root, num_classes=num_classes, num_train=p.num_train, num_val=p.num_val,
-                       image_size=p.image_size, seed=0, kind="both", design=design,
-                       class_freq_exponent=p.class_freq_exponent, hue_noise=p.hue_noise, hue_context=context)
-        (root / "DONE").write_text("complete\n")  # written last: a half-generated set is regenerated
-    return root
+    return ensure_synthetic(Path(ctx.cache_dir) / f"{p.name}-{tag}-s{p.image_size}-n{p.num_train}-k{num_classes}",
+                            num_classes=num_classes, num_train=p.num_train, num_val=p.num_val,
+                            image_size=p.image_size, seed=0, kind="both", design=design,
+                            class_freq_exponent=p.class_freq_exponent, hue_noise=p.hue_noise, hue_context=context)
 
 
 def pretrained_backbone(ctx: Context) -> str:
@@ -217,10 +215,12 @@ def _set_threads(threads: int) -> None:
 
 
 def make_context(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
-                 progress: str = "log", nproc_per_node: int = 1, profile_overrides: dict | None = None) -> Context:
+                 progress: str = "log", nproc_per_node: int = 1, profile_overrides: dict | None = None,
+                 cache_dir: str = "") -> Context:
     """The Context of a notebook's parameters cell. results_dir "" means results/ for the quick profile
-    (the committed tables) and results/<profile>/ otherwise, in the source checkout. profile_overrides:
-    Profile fields to replace, e.g. {"seeds": (0,)} (the provenance lines state the values used)."""
+    (the committed tables) and results/<profile>/ otherwise, in the source checkout; cache_dir "" means
+    `mfcore.files.default_cache_dir()`. profile_overrides: Profile fields to replace, e.g. {"seeds": (0,)}
+    (the provenance lines state the values used)."""
     from mfcore.companion.profiles import get_profile
 
     prof = get_profile(profile)
@@ -228,7 +228,8 @@ def make_context(profile: str = "quick", results_dir: str = "", data_root: str |
         prof = dataclasses.replace(prof, **profile_overrides)
     if not results_dir:
         results_dir = str(REPO / "results") if profile == "quick" else str(REPO / "results" / profile)
-    return Context(prof, Path(results_dir), data_root=data_root or None,
+    return Context(prof, Path(results_dir), Path(cache_dir) if cache_dir else default_cache_dir(),
+                   data_root=data_root or None,
                    device=prof.device if device == "auto" else device, progress=progress,
                    nproc_per_node=nproc_per_node)
 

@@ -32,7 +32,7 @@ from mfcore.companion.predictions import (
     to_rgb,
 )
 from mfcore.companion.viz import colorize, palette
-from mfcore.inference import panoptic_inference
+from mfcore.inference import panoptic_inference, panoptic_queries
 
 
 class QueryExplorer:
@@ -132,31 +132,19 @@ class QueryExplorer:
 
     def _panoptic(self) -> None:
         """Panoptic output and, per query, its mask area, pixels won in the argmax and status under the
-        current thresholds; the statuses, in the order the rules apply: "no object", "below object
-        threshold", "empty" (no pixel won or empty mask), "overlap" (won < overlap threshold x area), "kept".
-        `panoptic_inference` gives the segments; which query made each one is recomputed with its rules."""
-        masks = self.logits_masks.sigmoid()
+        current thresholds (`inference.QUERY_STATUSES`: "no object", "below object threshold", "empty",
+        "overlap", "kept"), all from `inference.panoptic_queries`, the rules `panoptic_inference` applies."""
         self.segmentation, self.segments = panoptic_inference(
             self.class_logits, self.logits_masks, self.thing_ids, self.object_threshold, self.overlap_threshold)
-        scores, labels = self.probs.max(dim=-1)
-        kept = ((labels != self.num_classes) & (scores > self.object_threshold)).nonzero().flatten()
-        owner = torch.full(masks.shape[1:], -1, dtype=torch.int64)  # the kept query winning each pixel
-        if len(kept):
-            owner = kept[(scores[kept, None, None] * masks[kept]).argmax(dim=0)]
-        self.areas = (masks >= 0.5).flatten(1).sum(dim=1)  # [N] own mask area
-        self.won = torch.bincount(owner[owner >= 0], minlength=self.num_queries)  # [N] pixels won in the argmax
-        self.status = []
-        for q in range(self.num_queries):
-            if labels[q] == self.num_classes:
-                self.status.append("no object")
-            elif scores[q] <= self.object_threshold:
-                self.status.append("below object threshold")
-            elif self.won[q] == 0 or self.areas[q] == 0:
-                self.status.append("empty")
-            elif self.won[q] < self.overlap_threshold * self.areas[q]:
-                self.status.append("overlap")
-            else:
-                self.status.append("kept")
+        queries = panoptic_queries(self.class_logits, self.logits_masks, self.object_threshold, self.overlap_threshold)
+        candidates = queries["candidates"]
+        owner = torch.full(self.logits_masks.shape[1:], -1, dtype=torch.int64)  # the candidate winning each pixel
+        if queries["winner"] is not None:
+            owner = candidates[queries["winner"]]
+        self.areas = (self.logits_masks.sigmoid() >= 0.5).flatten(1).sum(dim=1)  # [N] own mask area
+        self.won = torch.zeros(self.num_queries, dtype=torch.int64)  # [N] pixels won in the argmax
+        self.won[candidates] = queries["won"]
+        self.status = queries["status"]
         survives = torch.tensor([s == "kept" for s in self.status] + [False])  # index -1 -> False
         self.panoptic_owner = torch.where(survives[owner], owner, -1)  # [H, W], -1 = VOID
 

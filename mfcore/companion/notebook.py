@@ -1,6 +1,7 @@
 """What every notebook does first and after every table: one call each instead of a copied cell.
 
-    ctx, figures = notebook.setup(profile, results_dir, data_root, device, progress, nproc_per_node, interactive)
+    ctx, figures = notebook.setup(profile, results_dir, data_root, device, progress, nproc_per_node, interactive,
+                                  cache_dir)
     notebook.show_table(tables.table2(ctx), ctx)
 """
 from __future__ import annotations
@@ -12,8 +13,9 @@ from mfcore.companion.tables import Table, write_table
 
 
 def setup(profile: str, results_dir: str, data_root: str, device: str, progress: str, nproc_per_node: int,
-          interactive: bool) -> tuple[Context, Path]:
-    """The notebook's run context (from its parameters cell) and its figures folder.
+          interactive: bool, cache_dir: str = "") -> tuple[Context, Path]:
+    """The notebook's run context (from its parameters cell) and its figures folder. cache_dir: where
+    generated datasets and pretrained backbones go ("" : mfcore.files.default_cache_dir()).
 
     Batch runs (`interactive=False`) draw with the Agg backend: figures are written to files and shown
     inline once, never in a window."""
@@ -21,7 +23,7 @@ def setup(profile: str, results_dir: str, data_root: str, device: str, progress:
 
     if not interactive:
         matplotlib.use("Agg")
-    ctx = make_context(profile, results_dir, data_root, device, progress, nproc_per_node)
+    ctx = make_context(profile, results_dir, data_root, device, progress, nproc_per_node, cache_dir=cache_dir)
     print(ctx.profile.describe())
     return ctx, Path(ctx.results_dir) / "figures"
 

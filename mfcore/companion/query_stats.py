@@ -150,8 +150,5 @@ def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, S
     return fig
 
 
-# ----------------------------------------------------------------------------- matching
-
-
 __all__ = ["QueryStats", "plot_unique_categories", "plot_query_category_matrix", "query_examples",
            "plot_query_examples"]

@@ -3,7 +3,7 @@
     python -m mfcore reproduce --profile quick      (make reproduce; PROFILE=gpu|paper to scale up)
 
 Each notebook gets the same parameters (profile, results_dir, data_root, device, progress="log",
-interactive=False) and writes its tables and figures itself (atomically). Executed copies go to
+interactive=False, cache_dir) and writes its tables and figures itself (atomically). Executed copies go to
 `results/executed/<profile>/` (git-ignored). A failing notebook stops the pipeline with the notebook and
 cell named; its executed copy is kept for inspection. Finished training runs are cached, so a rerun
 only does what is missing.
@@ -11,7 +11,6 @@ only does what is missing.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -54,20 +53,18 @@ def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | No
               cache_dir: str | None = None, executed_dir: str | None = None, workers: int | None = None) -> dict:
     """Run the notebooks (all, or those whose name contains one of `only`); returns the timing summary.
     cache_dir: where generated datasets and pretrained backbones go (default data/generated; passed to the
-    kernels as MFCORE_CACHE). executed_dir: executed copies (default results/executed/<profile>).
+    notebooks as their `cache_dir` parameter). executed_dir: executed copies (default results/executed/<profile>).
     workers: training runs side by side before the notebooks start (default: the profile's parallel_runs;
     1 leaves every run to the notebook that needs it)."""
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
 
-    if cache_dir:
-        os.environ["MFCORE_CACHE"] = str(cache_dir)  # inherited by the notebook kernels
     _echo_notebook_output()
-    ctx = make_context(profile, results_dir, data_root, device, "log", nproc_per_node)
+    ctx = make_context(profile, results_dir, data_root, device, "log", nproc_per_node, cache_dir=cache_dir or "")
     executed = Path(executed_dir) if executed_dir else REPO / "results" / "executed" / profile
     executed.mkdir(parents=True, exist_ok=True)
     params = dict(profile=profile, results_dir=str(ctx.results_dir), data_root=data_root or "", device=device,
-                  progress="log", interactive=False, nproc_per_node=nproc_per_node)
+                  progress="log", interactive=False, nproc_per_node=nproc_per_node, cache_dir=str(ctx.cache_dir))
     todo = [nb for nb in notebooks(folder) if not only or any(o in nb.name for o in only)]
     timings, start, trained = {}, time.perf_counter(), None
     workers = workers or ctx.profile.parallel_runs

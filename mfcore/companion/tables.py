@@ -189,6 +189,17 @@ def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
     return list(specs.values())
 
 
+def _run_groups(ctx: Context, groups: dict) -> tuple[dict, float]:
+    """Each group's median over seeds (`run_seeds`), and the training seconds they took together."""
+    results = {key: run_seeds(ctx, specs) for key, specs in groups.items()}
+    return results, sum(r["seconds"] for r in results.values())
+
+
+def _setting(ctx: Context, real: str = "ADE20K") -> str:
+    """The provenance line's setting: the base K of a synthetic profile, else the real dataset."""
+    return f"K={ctx.profile.base_classes}" if ctx.profile.synthetic else real
+
+
 @trained("table2", "Table 2: per-pixel vs mask classification (mIoU / PQ^St)")
 def table2(ctx: Context) -> Table:
     """Table 2: per-pixel vs mask classification as the number of classes grows."""
@@ -231,8 +242,8 @@ def table2_curves(ctx: Context) -> dict:
 @trained("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)")
 def table4(ctx: Context) -> Table:
     """Table 4: (a) per-pixel vs mask classification with the same fixed matching; (b) fixed vs bipartite."""
-    start, k = time.perf_counter(), ctx.profile.base_classes
-    results = {m: run_seeds(ctx, specs) for m, specs in _runs_table4(ctx).items()}
+    start = time.perf_counter()
+    results, seconds = _run_groups(ctx, _runs_table4(ctx))
     rows = []
     for model, result in results.items():
         miou, pq_st = _sem(result)
@@ -242,7 +253,6 @@ def table4(ctx: Context) -> Table:
                      "mIoU paper": p_miou, "mIoU ours": miou, "mIoU seeds": _spread(result, "mIoU"),
                      "mIoU delta": miou - p_miou, "PQ^St paper": p_pq, "PQ^St ours": pq_st,
                      "PQ^St seeds": _spread(result, "PQ_St"), "PQ^St delta": pq_st - p_pq})
-    seconds = sum(r["seconds"] for r in results.values())
     frame = pd.DataFrame(rows)
     notes = ["The paper's claim: bipartite matching beats fixed matching, which beats per-pixel classification."]
     for metric in ("mIoU", "PQ^St"):
@@ -250,7 +260,7 @@ def table4(ctx: Context) -> Table:
                           for m in TABLE4_MODELS)
         notes.append(_claim(bip >= fixed > pp, f"{metric}: bipartite {bip:.1f}, fixed {fixed:.1f}, per-pixel {pp:.1f}"))
     return Table("table4", "Table 4: fixed vs bipartite matching (mIoU / PQ^St)", frame,
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"), notes)
+                 provenance(ctx, start, seconds, _setting(ctx)), notes)
 
 
 @trained("table_queries", "Number of queries (mIoU / PQ^St)")
@@ -276,35 +286,33 @@ def table_queries(ctx: Context) -> Table:
     frame.insert(4, "mIoU delta", frame["mIoU ours"] - frame["mIoU paper"])
     frame["PQ^St delta"] = frame["PQ^St ours"] - frame["PQ^St paper"]
     return Table("table_queries", "Number of queries (mIoU / PQ^St)", frame,
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 provenance(ctx, start, seconds, _setting(ctx)),
                  ["The paper: about 100 queries (N/K = 0.67 on ADE20K) work best; very many queries hurt."])
 
 
 @trained("table8", "Table VIII: transformer decoder layers (semantic)")
 def table8(ctx: Context) -> Table:
     """Table VIII: decoder layers, with and without self-attention (semantic metrics)."""
-    start, k = time.perf_counter(), ctx.profile.base_classes
-    rows, seconds = [], 0.0
-    for label, specs in _runs_table8(ctx).items():
-        result = run_seeds(ctx, specs)
-        seconds += result["seconds"]
+    start = time.perf_counter()
+    results, seconds = _run_groups(ctx, _runs_table8(ctx))
+    rows = []
+    for label, result in results.items():
         s, p = result["semantic"], paper.TABLE8[label][0]
         rows.append({"decoder": label, "mIoU paper": p[0], "mIoU ours": s["mIoU"], "mIoU delta": s["mIoU"] - p[0],
                      "PQ^St paper": p[1], "PQ^St ours": s["PQ_St"], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],
                      "RQ^St paper": p[3], "RQ^St ours": s["RQ_St"]})
     return Table("table8", "Table VIII: transformer decoder layers (semantic)", pd.DataFrame(rows),
-                 provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 provenance(ctx, start, seconds, _setting(ctx)),
                  ["Panoptic columns of Table VIII are not regenerated (the synthetic profiles train semantic runs here)."])
 
 
 @trained("table5", "Table 5: matching with boxes vs masks (panoptic)")
 def table5(ctx: Context) -> Table:
     """Table 5: box matching vs mask matching, panoptic quality (synthetic panoptic scenes or COCO)."""
-    start, k = time.perf_counter(), ctx.profile.base_classes
-    rows, seconds = [], 0.0
-    for model, specs in _runs_table5(ctx).items():
-        result = run_seeds(ctx, specs)
-        seconds += result["seconds"]
+    start = time.perf_counter()
+    results, seconds = _run_groups(ctx, _runs_table5(ctx))
+    rows = []
+    for model, result in results.items():
         pan, p = result["panoptic"], paper.TABLE5[model]
         rows.append({"matching": "box" if "box" in model else "mask",
                      "PQ paper": p[0], "PQ ours": pan["PQ"], "PQ seeds": _spread(result, "PQ", "panoptic"),
@@ -317,7 +325,7 @@ def table5(ctx: Context) -> Table:
                     f"PQ mask {mask['PQ ours']:.1f} vs box {box['PQ ours']:.1f}; PQ^St mask {mask['PQ^St ours']:.1f} "
                     f"vs box {box['PQ^St ours']:.1f}")]
     return Table("table5", "Table 5: matching with boxes vs masks (panoptic)", frame,
-                 provenance(ctx, start, seconds, f"synthetic panoptic, K={k}" if ctx.profile.synthetic else "COCO"),
+                 provenance(ctx, start, seconds, ("synthetic panoptic, " if ctx.profile.synthetic else "") + _setting(ctx, "COCO")),
                  notes)
 
 
@@ -369,7 +377,7 @@ def table7(ctx: Context) -> Table:
     """Table VII: one MaskFormer read out with semantic vs general inference, beside PerPixelBaseline+."""
     from mfcore.training.evaluate import evaluate
 
-    start, k = time.perf_counter(), ctx.profile.base_classes
+    start = time.perf_counter()
     rows, seconds = [], 0.0
     groups = _runs_table4(ctx)
     ref = run_seeds(ctx, groups["perpixelplus"])
@@ -394,7 +402,7 @@ def table7(ctx: Context) -> Table:
                      "PQ^St delta": s["PQ_St"] - p[1], "SQ^St paper": p[2], "SQ^St ours": s["SQ_St"],
                      "RQ^St paper": p[3], "RQ^St ours": s["RQ_St"]})
     return Table("table7", "Table VII: semantic vs general inference (mIoU / PQ^St / SQ^St / RQ^St)",
-                 pd.DataFrame(rows), provenance(ctx, start, seconds, f"K={k}" if ctx.profile.synthetic else "ADE20K"),
+                 pd.DataFrame(rows), provenance(ctx, start, seconds, _setting(ctx)),
                  ["The paper: general inference (threshold 0.3) trades mIoU for PQ^St: fewer false-positive segments."])
 
 

@@ -1,6 +1,7 @@
 """Toy-tensor demos for the teaching notebooks 01-02 (and helpers shared with 03), and their figures and tables.
 
-Everything runs in seconds on a CPU (paper_models_table: about 1 s per model). Functions return
+Everything is small enough for a CPU (paper_models_table builds each paper model on the meta device:
+shapes only, no weights or arithmetic). Functions return
 tensors, dicts, pandas DataFrames or `matplotlib.figure.Figure`s (built without pyplot, like
 mfcore.companion.viz) and never show anything.
 

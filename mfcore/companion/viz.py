@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.patches import Rectangle
 
 from mfcore.companion.predictions import to_numpy, to_rgb
 from mfcore.files import atomic_write
@@ -68,28 +68,7 @@ def bare_axes(ax: Any, title: str = "", fontsize: float = 9) -> None:
     ax.set_title(title, fontsize=fontsize)
 
 
-# ----------------------------------------------------------------------------- segmentation and masks
-def plot_segmentation(image: Any, pred: Any, gt: Any = None, class_names: Sequence[str] | None = None,
-                      ignore: int = 255) -> Figure:
-    """Image | prediction (| ground truth), colours from `colorize`; a legend of the classes shown when
-    `class_names` is given. 2 or 3 axes."""
-    maps = [to_numpy(pred)] + ([to_numpy(gt)] if gt is not None else [])
-    k = len(class_names) if class_names else max(int(m[m != ignore].max(initial=-1)) for m in maps) + 1
-    fig = Figure(figsize=(3.2 * (1 + len(maps)), 3.4))
-    axes = fig.subplots(1, 1 + len(maps))
-    axes[0].imshow(to_rgb(image))
-    bare_axes(axes[0], "image")
-    for ax, m, title in zip(axes[1:], maps, ("prediction", "ground truth")):
-        ax.imshow(colorize(m, k, ignore))
-        bare_axes(ax, title)
-    if class_names:
-        present = sorted(set(np.unique(np.concatenate([m.ravel() for m in maps]))) - {ignore})
-        colors = palette(k) / 255
-        fig.legend(handles=[Patch(color=colors[c], label=class_names[c]) for c in present], loc="lower center",
-                   ncol=min(len(present), 6), fontsize=7, frameon=False)
-    return fig
-
-
+# ----------------------------------------------------------------------------- masks
 def plot_masks_grid(masks: Any, titles: Sequence[str] | None = None, ncols: int = 5) -> Figure:
     """One grey-scale panel per mask of `masks` [M, H, W] (binary or probabilities); M axes."""
     masks = to_numpy(masks)

@@ -78,3 +78,29 @@ MAPILLARY_VISTAS_65_CLASSES = _split(
 )
 
 ADE20K_FULL_NUM_CLASSES = 847
+
+
+# ----------------------------------------------------------------------------- dataset names
+# The one spelling of every dataset: presets (`<dataset>-<model>-<backbone>`), TrainConfig.dataset, the
+# readers (`build_dataset`), the datasets' `.name`, and the sub-folders of a paper run's data_root.
+DATASET_NAMES = ("ade20k", "ade20k-full", "coco-stuff", "cityscapes", "mapillary", "coco-panoptic",
+                 "ade20k-panoptic", "synthetic", "synthetic-panoptic")
+# the generated scenes (mfcore.data.synthetic_writer): their K comes from the files, not from a preset
+SYNTHETIC = ("synthetic", "synthetic-panoptic")
+# Former spellings (the readers' old registry keys, still in older synthetic_meta.json files and
+# notebooks): resolved here, and nowhere else.
+DATASET_ALIASES = {"ade20k_full": "ade20k-full", "coco_stuff_10k": "coco-stuff", "coco_stuff": "coco-stuff",
+                   "mapillary_vistas": "mapillary", "coco_panoptic": "coco-panoptic",
+                   "ade20k_panoptic": "ade20k-panoptic", "synthetic_semantic": "synthetic",
+                   "synthetic_panoptic": "synthetic-panoptic"}
+
+
+def dataset_name(name: str) -> str:
+    """The one spelling of a dataset name: itself, or the name a former spelling stands for; any other
+    name is a ValueError listing the valid ones."""
+    if name in DATASET_NAMES:
+        return name
+    if name in DATASET_ALIASES:
+        return DATASET_ALIASES[name]
+    raise ValueError(f"unknown dataset {name!r}; datasets: {', '.join(DATASET_NAMES)} (former spellings "
+                     f"{', '.join(sorted(DATASET_ALIASES))} are accepted)")

@@ -78,7 +78,7 @@ def ade20k(root: str | Path, split: str = "train", transform: Callable | None = 
     name, class_names, thing_ids = "ade20k", list(catalog.ADE20K_150_CLASSES), []
     if (base / "synthetic_meta.json").is_file():
         meta = read_json(base / "synthetic_meta.json")
-        name, class_names, thing_ids = meta["name"], meta["class_names"], meta["thing_ids"]
+        name, class_names, thing_ids = catalog.dataset_name(meta["name"]), meta["class_names"], meta["thing_ids"]
     records = _pair_images(base / "images" / sub, base / "annotations" / sub,
                            lambda p: [p.stem + ".png"], name)
     k = len(class_names)
@@ -89,26 +89,26 @@ def ade20k(root: str | Path, split: str = "train", transform: Callable | None = 
 def ade20k_full(root: str | Path, split: str = "train", transform: Callable | None = None) -> SemanticSegDataset:
     """ADE20K-Full (847 classes): ADE20K_2021_17_01/{images,annotations}_detectron2/{training,validation};
     16-bit .tif (or .png) labels with values 0..846, 65535 = unlabeled."""
-    base = _require_dir(Path(root) / "ADE20K_2021_17_01", "ade20k_full")
-    sub = _split_dir(split, {"train": "training", "val": "validation"}, "ade20k_full")
+    base = _require_dir(Path(root) / "ADE20K_2021_17_01", "ade20k-full")
+    sub = _split_dir(split, {"train": "training", "val": "validation"}, "ade20k-full")
     records = _pair_images(base / "images_detectron2" / sub, base / "annotations_detectron2" / sub,
-                           lambda p: [p.stem + ".tif", p.stem + ".png"], "ade20k_full")
+                           lambda p: [p.stem + ".tif", p.stem + ".png"], "ade20k-full")
     k = catalog.ADE20K_FULL_NUM_CLASSES
     lut = _lut(65536, {65535: 65535, **{i: i for i in range(k)}})
     names = [f"ade20k_full_{i}" for i in range(k)]
-    return SemanticSegDataset("ade20k_full", split, records, names, [], lut, transform)
+    return SemanticSegDataset("ade20k-full", split, records, names, [], lut, transform)
 
 
 def coco_stuff_10k(root: str | Path, split: str = "train", transform: Callable | None = None) -> SemanticSegDataset:
     """COCO-Stuff-10K (171 classes) as prepared for detectron2:
     coco/coco_stuff_10k/{images,annotations}_detectron2/{train,test}; labels 0..170, 255 ignore
     (the preparation subtracts 2 from the v1.0 .mat labels, turning 1 = unlabeled into 255)."""
-    base = _require_dir(Path(root) / "coco" / "coco_stuff_10k", "coco_stuff_10k")
-    sub = _split_dir(split, {"train": "train", "val": "test", "test": "test"}, "coco_stuff_10k")
+    base = _require_dir(Path(root) / "coco" / "coco_stuff_10k", "coco-stuff")
+    sub = _split_dir(split, {"train": "train", "val": "test", "test": "test"}, "coco-stuff")
     records = _pair_images(base / "images_detectron2" / sub, base / "annotations_detectron2" / sub,
-                           lambda p: [p.stem + ".png"], "coco_stuff_10k")
+                           lambda p: [p.stem + ".png"], "coco-stuff")
     lut = _lut(256, {255: 255, **{i: i for i in range(171)}})
-    return SemanticSegDataset("coco_stuff_10k", split, records, catalog.COCO_STUFF_171_CLASSES,
+    return SemanticSegDataset("coco-stuff", split, records, catalog.COCO_STUFF_171_CLASSES,
                               catalog.COCO_STUFF_171_THING_IDS, lut, transform)
 
 
@@ -131,14 +131,14 @@ def cityscapes(root: str | Path, split: str = "train", transform: Callable | Non
 def mapillary_vistas(root: str | Path, split: str = "train", transform: Callable | None = None) -> SemanticSegDataset:
     """Mapillary Vistas v1.2 (65 classes): mapillary_vistas/{training,validation}/images/*.jpg and
     .../v1.2/labels/*.png (or .../labels/*.png); label 65 = unlabeled -> 255."""
-    base = _require_dir(Path(root) / "mapillary_vistas", "mapillary_vistas")
-    sub = _split_dir(split, {"train": "training", "val": "validation"}, "mapillary_vistas")
+    base = _require_dir(Path(root) / "mapillary_vistas", "mapillary")
+    sub = _split_dir(split, {"train": "training", "val": "validation"}, "mapillary")
     label_dir = base / sub / "v1.2" / "labels"
     if not label_dir.is_dir() and (base / sub / "labels").is_dir():
         label_dir = base / sub / "labels"
-    records = _pair_images(base / sub / "images", label_dir, lambda p: [p.stem + ".png"], "mapillary_vistas")
+    records = _pair_images(base / sub / "images", label_dir, lambda p: [p.stem + ".png"], "mapillary")
     lut = _lut(256, {65: 255, **{i: i for i in range(65)}})
-    return SemanticSegDataset("mapillary_vistas", split, records, catalog.MAPILLARY_VISTAS_65_CLASSES,
+    return SemanticSegDataset("mapillary", split, records, catalog.MAPILLARY_VISTAS_65_CLASSES,
                               [], lut, transform)
 
 
@@ -177,7 +177,7 @@ def _panoptic(name: str, split: str, json_path: Path, png_dir: Path, image_dir: 
 
 
 def coco_panoptic(root: str | Path, split: str = "train", transform: Callable | None = None,
-                  name: str = "coco_panoptic") -> PanopticSegDataset:
+                  name: str = "coco-panoptic") -> PanopticSegDataset:
     """COCO panoptic 2017: coco/annotations/panoptic_{train,val}2017.json + PNG folders
     coco/annotations/panoptic_{train,val}2017/, images in coco/{train,val}2017/."""
     base = _require_dir(Path(root) / "coco", name)
@@ -189,10 +189,10 @@ def coco_panoptic(root: str | Path, split: str = "train", transform: Callable | 
 def ade20k_panoptic(root: str | Path, split: str = "train", transform: Callable | None = None) -> PanopticSegDataset:
     """ADE20K panoptic: ADEChallengeData2016/ade20k_panoptic_{train,val}.json + PNG folders of the
     same name, images in ADEChallengeData2016/images/{training,validation}/."""
-    base = _require_dir(Path(root) / "ADEChallengeData2016", "ade20k_panoptic")
-    sub = _split_dir(split, {"train": "train", "val": "val"}, "ade20k_panoptic")
+    base = _require_dir(Path(root) / "ADEChallengeData2016", "ade20k-panoptic")
+    sub = _split_dir(split, {"train": "train", "val": "val"}, "ade20k-panoptic")
     images = base / "images" / {"train": "training", "val": "validation"}[sub]
-    return _panoptic("ade20k_panoptic", split, base / f"ade20k_panoptic_{sub}.json",
+    return _panoptic("ade20k-panoptic", split, base / f"ade20k_panoptic_{sub}.json",
                      base / f"ade20k_panoptic_{sub}", images, transform)
 
 
@@ -201,28 +201,27 @@ def synthetic_semantic(root: str | Path, split: str = "train", transform: Callab
     insisting on the synthetic_meta.json so that real ADE20K is never read by mistake."""
     meta = Path(root) / "ADEChallengeData2016" / "synthetic_meta.json"
     if not meta.is_file():
-        raise FileNotFoundError(f"synthetic_semantic: expected {meta}; write the scenes with "
+        raise FileNotFoundError(f"synthetic: expected {meta}; write the scenes with "
                                 f"`python -m mfcore make-synthetic {root}` ({LAYOUT_HINT})")
     return ade20k(root, split, transform)
 
 
+# keyed by the one spelling of each name (mfcore.data.catalog.DATASET_NAMES)
 DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "ade20k": ade20k,
-    "ade20k_full": ade20k_full,
-    "coco_stuff_10k": coco_stuff_10k,
+    "ade20k-full": ade20k_full,
+    "coco-stuff": coco_stuff_10k,
     "cityscapes": cityscapes,
-    "mapillary_vistas": mapillary_vistas,
-    "coco_panoptic": coco_panoptic,
-    "ade20k_panoptic": ade20k_panoptic,
+    "mapillary": mapillary_vistas,
+    "coco-panoptic": coco_panoptic,
+    "ade20k-panoptic": ade20k_panoptic,
     # The synthetic generator writes these two real layouts; the same readers load them.
-    "synthetic_semantic": synthetic_semantic,
-    "synthetic_panoptic": functools.partial(coco_panoptic, name="synthetic_panoptic"),
+    "synthetic": synthetic_semantic,
+    "synthetic-panoptic": functools.partial(coco_panoptic, name="synthetic-panoptic"),
 }
 
 
 def build_dataset(name: str, root: str | Path, split: str = "train",
                   transform: Callable | None = None) -> SegmentationDataset:
-    """Build a registered dataset, e.g. build_dataset("ade20k", "datasets", "val")."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; registered: {sorted(DATASETS)}")
-    return DATASETS[name](root, split, transform=transform)
+    """Build a dataset by name (mfcore.data.catalog.dataset_name), e.g. build_dataset("ade20k", "datasets", "val")."""
+    return DATASETS[catalog.dataset_name(name)](root, split, transform=transform)

@@ -21,9 +21,11 @@ import argparse
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -148,9 +150,48 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
                        {"images": [e[0] for e in entries], "annotations": [e[1] for e in entries],
                         "categories": categories})
     if kind in ("semantic", "both"):
-        meta = {"name": "synthetic_semantic", "seed": seed, "image_size": image_size, **classes.to_json()}
+        meta = {"name": "synthetic", "seed": seed, "image_size": image_size, **classes.to_json()}
         write_json(ade / "synthetic_meta.json", meta)
     return classes
+
+
+def ensure_synthetic(root: str | Path, **options) -> Path:
+    """The synthetic scenes `make_synthetic(root, **options)` writes, generated once (`generate_once`): the
+    default set of `mfcore train` and the notebooks' per-profile sets."""
+    return generate_once(root, lambda out: make_synthetic(out, **options),
+                         Path("ADEChallengeData2016") / "synthetic_meta.json")
+
+
+def generate_once(root: str | Path, write: Callable[[Path], Any], written_last: str | Path) -> Path:
+    """The one cache of generated data: `write(folder)` fills a temporary folder beside `root` that is
+    renamed into place when complete, so a reader (another run, a notebook kernel, a DDP process) sees no
+    data or all of it, never half; two processes generating the same data at once each write their own
+    copy, and the one renamed second is dropped (the copies are identical: generation is seeded).
+
+    A folder written in place (`mfcore make-synthetic`, or an older mfcore) counts as complete when it
+    holds `written_last`, the file its writer writes last; one without it may be half-written and is
+    regenerated.
+    """
+    root = Path(root)
+    if (root / "DONE").is_file() or (root / written_last).is_file():
+        return root
+    tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a killed run of this process id
+    root.parent.mkdir(parents=True, exist_ok=True)
+    write(tmp)
+    (tmp / "DONE").write_text("complete\n")
+    if root.is_dir():  # half-written in place by an older, non-atomic writer
+        stale = root.with_name(f".{root.name}.stale-{os.getpid()}")
+        try:
+            os.rename(root, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        except OSError:  # another process moved it first
+            pass
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process renamed its identical copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
 
 
 def make_classification_set(out_dir: str | Path, num_classes: int, num_train: int = 1000, num_val: int = 200,

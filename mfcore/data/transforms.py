@@ -16,7 +16,6 @@ augmented sem_seg / pan_seg, so a segment cropped away produces no target.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Sequence
 
 import torch
@@ -25,9 +24,9 @@ from torch import Tensor
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-# ImageNet statistics in the 0..255 RGB range (the paper's pixel mean / std).
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
+from mfcore.config import PIXEL_MEAN, PIXEL_STD  # noqa: F401  (PIXEL_STD re-exported by mfcore.data)
+from mfcore.inference import pad_images, shortest_edge_size
+
 # The released semantic mapper pads the crop with grey 128 *before* normalisation.
 IMAGE_CROP_PAD_VALUE = 128
 
@@ -72,22 +71,18 @@ class ResizeShortestEdge:
     """Resize so the short side is a random choice from `short_sides`, the long side <= max_size.
 
     scale = s / min(H, W), reduced to max_size / max(H, W) if the long side would exceed
-    max_size; new sizes are rounded to the nearest integer. With `resize_labels=False` only the
-    image is resized (evaluation: predictions are scored at the label's original size).
+    max_size; new sizes are rounded to the nearest integer (`inference.shortest_edge_size`, the rule the
+    test-time resize uses too).
     """
 
-    def __init__(self, short_sides: Sequence[int], max_size: int | None, resize_labels: bool = True):
+    def __init__(self, short_sides: Sequence[int], max_size: int | None):
         if len(short_sides) == 0 or min(short_sides) <= 0:
             raise ValueError(f"short_sides must be a non-empty list of positive sizes, got {short_sides}")
         self.short_sides = [int(s) for s in short_sides]
         self.max_size = max_size
-        self.resize_labels = resize_labels
 
     def output_size(self, height: int, width: int, short_side: int) -> tuple[int, int]:
-        scale = short_side / min(height, width)
-        if self.max_size is not None and max(height, width) * scale > self.max_size:
-            scale = self.max_size / max(height, width)
-        return int(height * scale + 0.5), int(width * scale + 0.5)
+        return shortest_edge_size(height, width, short_side, self.max_size)
 
     def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
         height, width = sample["image"].shape[-2:]
@@ -97,7 +92,7 @@ class ResizeShortestEdge:
         for key, value in sample.items():
             if isinstance(value, tv_tensors.Image):
                 out[key] = F.resize(value, size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-            elif isinstance(value, tv_tensors.Mask) and self.resize_labels:
+            elif isinstance(value, tv_tensors.Mask):
                 # Pixel-centre nearest neighbour, like PIL's NEAREST: torchvision's default
                 # NEAREST for masks samples the top-left source pixel and would shift the labels
                 # by up to half an input pixel against the bilinearly resized image.
@@ -244,14 +239,6 @@ def build_train_transform(crop_size: int | tuple[int, int], short_sides: Sequenc
     return v2.Compose(steps)
 
 
-def build_eval_transform(short_side: int | None = None, max_size: int | None = None) -> Any:
-    """Evaluation: optionally resize the *image* (short side, long side <= max_size); labels
-    stay at their original resolution since predictions are resized back before scoring."""
-    if short_side is None:
-        return v2.Identity()
-    return ResizeShortestEdge([short_side], max_size, resize_labels=False)
-
-
 def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32, ignore_label: int = 255,
             pad_value: Sequence[float] = PIXEL_MEAN) -> tuple[Tensor, list[dict[str, Any]]]:
     """Stack dataset samples into a padded image batch and a list of per-image targets.
@@ -268,16 +255,11 @@ def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32, ignore
     """
     if len(batch) == 0:
         raise ValueError("collate() received an empty batch")
-    max_h = max(s["image"].shape[-2] for s in batch)
-    max_w = max(s["image"].shape[-1] for s in batch)
-    pad_h = int(math.ceil(max_h / size_divisibility) * size_divisibility)
-    pad_w = int(math.ceil(max_w / size_divisibility) * size_divisibility)
-    images = torch.tensor(pad_value, dtype=torch.float32).view(3, 1, 1).repeat(len(batch), 1, pad_h, pad_w)
+    images, sizes = pad_images([s["image"].as_subclass(Tensor).float() for s in batch], size_divisibility,
+                               pad_value)
+    pad_h, pad_w = images.shape[-2:]
     targets = []
-    for i, sample in enumerate(batch):
-        image = sample["image"].as_subclass(Tensor).float()
-        h, w = image.shape[-2:]
-        images[i, :, :h, :w] = image
+    for sample, (h, w) in zip(batch, sizes):
         target = {k: v for k, v in sample.items() if k != "image"}
         target["image_size"] = (h, w)
         if tuple(sample["sem_seg"].shape[-2:]) == (h, w):

@@ -3,7 +3,8 @@
 Semantic: mIoU (dataset-level confusion matrix) and PQ^St, where every class region of the prediction
 and of the ground truth is one segment and all classes count as stuff (Table 2). Panoptic datasets and
 mask-classification models add panoptic PQ / PQ^Th / PQ^St / SQ / RQ from general inference (Sec. 3.4)
-with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap threshold 0.8.
+with the preset's object-mask threshold (COCO 0.8, ADE20K 0.7) and overlap threshold 0.8, and the
+instance output's COCO mask AP over the thing classes (`instance_inference`: one instance per query).
 
 Single-scale test: the image is resized to the preset's test short side, predictions are resized back to
 the label's original size. `tta=True`: the multi-scale + flip test of Table 1 (semantic metrics only;
@@ -19,13 +20,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mfcore.config import TrainConfig
+from mfcore.config import PIXEL_MEAN, TrainConfig
 from mfcore.data.datasets import PanopticSegDataset
 from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.files import write_json
 from mfcore.inference import (
-    PIXEL_MEAN_RGB,
     general_semantic_inference,
+    instance_inference,
     pad_images,
     panoptic_inference,
     postprocess_masks,
@@ -34,7 +35,7 @@ from mfcore.inference import (
     resize_shortest_edge,
     semantic_inference,
 )
-from mfcore.metrics import SemSegEvaluator
+from mfcore.metrics import MaskAPAccumulator, SemSegEvaluator
 from mfcore.panoptic_quality import PQAccumulator, semantic_categories
 from mfcore.training import distributed as du
 from mfcore.training.checkpoint import (
@@ -42,7 +43,7 @@ from mfcore.training.checkpoint import (
     configs_from_checkpoint,
     load_trained_model,
 )
-from mfcore.training.runtime import build_run_dataset, resolve_device
+from mfcore.training.runtime import checkpoint_dataset, resolve_device
 
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
 
@@ -50,7 +51,7 @@ GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general infer
 def _padded_outputs(model: nn.Module, image: Tensor) -> tuple[dict, tuple[int, int], tuple[int, int]]:
     """The model's outputs for one image [3, h, w] (0..255) padded to its size divisibility, the padded
     size and the image's size."""
-    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN_RGB)
+    batch, (size,) = pad_images([image], model.size_divisibility, PIXEL_MEAN)
     return model(batch), tuple(batch.shape[-2:]), size
 
 
@@ -92,6 +93,22 @@ def _pq_summary(result: dict, names: list[str], suffix: str) -> dict:
     return out
 
 
+def _thing_instances(sample: dict) -> dict:
+    """Ground-truth instances of a panoptic sample: one mask per thing segment (crowd ones flagged)."""
+    things = [s for s in sample["segments_info"] if s["isthing"]]
+    pan_seg = sample["pan_seg"]
+    masks = torch.stack([pan_seg == s["id"] for s in things]) if things else \
+        torch.zeros((0, *pan_seg.shape[-2:]), dtype=torch.bool)
+    return {"masks": masks, "labels": [s["category_id"] for s in things], "iscrowd": [s["iscrowd"] for s in things]}
+
+
+def _thing_predictions(logits: Tensor, masks: Tensor, thing_ids: Any) -> dict:
+    """`instance_inference`'s instances of thing classes (COCO's instance task scores things only)."""
+    out = instance_inference(logits, masks)
+    keep = torch.isin(out["labels"], torch.as_tensor(list(thing_ids), dtype=torch.int64, device=out["labels"].device))
+    return {k: v[keep].cpu() for k, v in out.items()}
+
+
 def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: torch.device, tta: bool = False,
                    max_images: int | None = None, inference: str = "semantic") -> dict:
     """Metrics of `model` on `dataset` (built without transform: original images and labels).
@@ -99,7 +116,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     Under torchrun each process scores images rank, rank + world, ... and the counts are summed.
     Returns {"num_images", "semantic": {"mIoU", "pixel_acc", "mAcc", "PQ_St", "SQ_St", "RQ_St",
     "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
-    "PQ_St", "SQ", "RQ", "per_class"}}; values in percent.
+    "PQ_St", "SQ", "RQ", "per_class"}, "instance" (the same): mask AP of the thing classes {"AP", "AP50",
+    "AP75", "APs", "APm", "APl"}}; values in percent.
     inference: "semantic" (marginalisation, the default) or "general" (MaskFormer only; Table VII).
     """
     if inference not in ("semantic", "general"):
@@ -112,9 +130,10 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     mask_classification = model.cfg.arch == "maskformer"
     semseg = SemSegEvaluator(k, dataset.ignore_label)
     pq_st = PQAccumulator(semantic_categories(k))
-    pq = None
+    pq = ap = None
     if isinstance(dataset, PanopticSegDataset) and mask_classification:
         pq = PQAccumulator([{"id": c, "isthing": int(c in dataset.thing_ids)} for c in range(k)])
+        ap = MaskAPAccumulator(k)
     count = len(dataset) if max_images is None else min(max_images, len(dataset))
     for index in range(du.get_rank(), count, du.get_world_size()):
         sample = dataset[index]
@@ -146,6 +165,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
             seg, segments = panoptic_inference(logits, masks, dataset.thing_ids, cfg.object_mask_threshold,
                                                cfg.overlap_threshold)
             pq.add(sample["pan_seg"].numpy(), sample["segments_info"], seg.cpu().numpy(), segments)
+            ap.add(_thing_instances(sample), _thing_predictions(logits, masks, dataset.thing_ids))
     model.train(was_training)
 
     semseg.sync()
@@ -161,6 +181,8 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     if pq is not None:
         pan = _gather_pq(pq).compute()
         result["panoptic"] = {**_pq_summary(pan, names, ""), "PQ_Th": pan["Things"]["pq"], "PQ_St": pan["Stuff"]["pq"]}
+        ap.sync()
+        result["instance"] = ap.compute()
     return result
 
 
@@ -177,10 +199,7 @@ def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: b
     model, ckpt = load_trained_model(checkpoint)
     preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
     model.to(device)
-    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
-    if dataset.num_classes != model_cfg.num_classes:
-        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
-                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    dataset = checkpoint_dataset(checkpoint, model_cfg, train_cfg, data_root, split)
     start = time.perf_counter()
     metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images, inference)
     result = {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, "tta": tta,

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from mfcore.config import PIXEL_MEAN, PIXEL_STD
 from mfcore.data import make_classification_set
+from mfcore.data.synthetic_writer import generate_once
 from mfcore.files import write_json
 from mfcore.modeling.backbones import build_backbone
 from mfcore.training.checkpoint import save_checkpoint
@@ -63,7 +65,7 @@ class _Classifier(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.out_channels["res5"], num_classes)
-        mean, std = torch.tensor([123.675, 116.28, 103.53]), torch.tensor([58.395, 57.12, 57.375])
+        mean, std = torch.tensor(PIXEL_MEAN), torch.tensor(PIXEL_STD)
         self.register_buffer("mean", mean.view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", std.view(1, 3, 1, 1), persistent=False)
 
@@ -82,10 +84,10 @@ def pretrain_backbone(cfg: PretrainConfig, out_path: str | Path, data_dir: str |
         report = json.loads(report_path.read_text())
         if report.get("config") == dataclasses.asdict(cfg):
             return report
-    if not (data_dir / "classification_meta.json").is_file():
-        make_classification_set(data_dir, cfg.num_classes, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed,
-                                num_primitives=cfg.num_primitives if cfg.design == "pairs" else None,
-                                design=cfg.design)
+    generate_once(data_dir, lambda out: make_classification_set(
+        out, cfg.num_classes, cfg.num_train, cfg.num_val, cfg.image_size, cfg.seed,
+        num_primitives=cfg.num_primitives if cfg.design == "pairs" else None, design=cfg.design),
+        "classification_meta.json")
     dev = resolve_device(device)
     train_x, train_y = _load_folder(data_dir / "train")
     val_x, val_y = _load_folder(data_dir / "val")

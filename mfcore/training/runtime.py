@@ -10,9 +10,7 @@ Then a run resumed at iteration t sees exactly the batches an uninterrupted run 
 """
 from __future__ import annotations
 
-import os
 import random
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,14 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mfcore.files import REPO
-
-# preset dataset name -> mfcore.data registry name
-DATASET_NAMES = {"ade20k": "ade20k", "ade20k-full": "ade20k_full", "coco-stuff": "coco_stuff_10k",
-                 "cityscapes": "cityscapes", "mapillary": "mapillary_vistas", "coco-panoptic": "coco_panoptic",
-                 "ade20k-panoptic": "ade20k_panoptic", "synthetic": "synthetic_semantic",
-                 "synthetic-panoptic": "synthetic_panoptic"}
-SYNTHETIC = ("synthetic", "synthetic-panoptic")
+from mfcore.data.catalog import SYNTHETIC, dataset_name
+from mfcore.files import default_cache_dir
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -50,27 +42,8 @@ def seed_everything(seed: int) -> None:
 
 
 def default_synthetic_root() -> Path:
-    """data/generated/synthetic in the source checkout (or the working directory if installed elsewhere)."""
-    base = REPO if (REPO / "pyproject.toml").is_file() else Path.cwd()
-    return base / "data" / "generated" / "synthetic"
-
-
-def ensure_synthetic(root: Path) -> Path:
-    """Generate the default synthetic set at `root` if absent. The set is written to a temporary folder
-    that is renamed into place, so concurrent runs never read a half-written set."""
-    if root.is_dir():
-        return root
-    from mfcore.data import make_synthetic
-    from mfcore.presets import SMALL_DATASETS
-
-    tmp = root.with_name(f"{root.name}.tmp-{os.getpid()}")
-    # the small presets' K, and the sizes data/README.md documents for the default set
-    make_synthetic(tmp, num_classes=SMALL_DATASETS["synthetic"][0], num_train=2000, num_val=300)
-    try:
-        os.rename(tmp, root)
-    except OSError:  # another process finished first; its copy is identical (fixed seed)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
+    """The default synthetic set (`mfcore train` on a synthetic preset without --data-root)."""
+    return default_cache_dir() / "synthetic"
 
 
 def build_run_dataset(name: str, data_root: str | Path | None, split: str, transform: Any = None) -> Any:
@@ -78,13 +51,27 @@ def build_run_dataset(name: str, data_root: str | Path | None, split: str, trans
     `data_root` means the default generated set (created on first use)."""
     from mfcore.data.datasets import build_dataset
 
-    if name not in DATASET_NAMES:
-        raise ValueError(f"dataset {name!r}: expected one of {sorted(DATASET_NAMES)}")
+    name = dataset_name(name)
     if data_root is None:
         if name not in SYNTHETIC:
             raise ValueError(f"dataset {name!r} needs --data-root (the folder holding its files; see data/README.md)")
-        data_root = ensure_synthetic(default_synthetic_root())
-    return build_dataset(DATASET_NAMES[name], Path(data_root), split, transform)
+        from mfcore.data import ensure_synthetic
+        from mfcore.presets import SMALL_DATASETS
+
+        # the small presets' K, and the sizes data/README.md documents for the default set
+        data_root = ensure_synthetic(default_synthetic_root(), num_classes=SMALL_DATASETS["synthetic"][0],
+                                     num_train=2000, num_val=300)
+    return build_dataset(name, Path(data_root), split, transform)
+
+
+def checkpoint_dataset(checkpoint: str | Path, model_cfg: Any, train_cfg: Any, data_root: str | Path | None,
+                       split: str) -> Any:
+    """The `split` of the dataset a checkpoint was trained on, checked to have the classes it predicts."""
+    dataset = build_run_dataset(train_cfg.dataset, data_root, split)
+    if dataset.num_classes != model_cfg.num_classes:
+        raise ValueError(f"{checkpoint} predicts {model_cfg.num_classes} classes but the {split} split of "
+                         f"{train_cfg.dataset} has {dataset.num_classes}")
+    return dataset
 
 
 @contextmanager
@@ -163,5 +150,5 @@ class ResumableBatchSampler:
                 batch += 1
 
 
-__all__ = ["DATASET_NAMES", "resolve_device", "seed_everything", "default_synthetic_root", "ensure_synthetic",
+__all__ = ["resolve_device", "seed_everything", "default_synthetic_root", "checkpoint_dataset",
            "build_run_dataset", "forked_rng", "SeededSamples", "ResumableBatchSampler"]

@@ -29,12 +29,13 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from mfcore.config import ModelConfig, TrainConfig, override
+from mfcore.config import TrainConfig, override
+from mfcore.data.catalog import SYNTHETIC, dataset_name
 from mfcore.data.transforms import build_train_transform, collate
 from mfcore.files import json_safe, write_json
 from mfcore.losses import build_criterion, total_loss
 from mfcore.modeling.models import build_model
-from mfcore.presets import get_preset
+from mfcore.presets import adapt_to_data, get_preset
 from mfcore.training import distributed as du
 from mfcore.training.checkpoint import (
     capture_rng_state,
@@ -47,7 +48,6 @@ from mfcore.training.checkpoint import (
 )
 from mfcore.training.evaluate import evaluate_model
 from mfcore.training.runtime import (
-    SYNTHETIC,
     ResumableBatchSampler,
     SeededSamples,
     build_run_dataset,
@@ -87,19 +87,6 @@ class StopRequest:
 def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             for t in targets]
-
-
-def _adapt_to_data(model_cfg: ModelConfig, loss_matcher: str, num_classes: int, dataset: str) -> ModelConfig:
-    """The small synthetic presets take their number of classes from the generated data; a real dataset
-    must match its preset."""
-    if num_classes == model_cfg.num_classes:
-        return model_cfg
-    if dataset not in SYNTHETIC:
-        raise ValueError(f"dataset {dataset} has {num_classes} classes but the model has {model_cfg.num_classes}")
-    fields: dict[str, Any] = {"num_classes": num_classes}
-    if model_cfg.arch == "perpixelplus" or loss_matcher == "fixed":  # these need one query per class
-        fields["num_queries"] = num_classes
-    return override(model_cfg, **fields)
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
@@ -154,6 +141,7 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
     base = get_preset(preset)
     cfg: TrainConfig = override(base.train, **(train_overrides or {}))
+    cfg = override(cfg, dataset=dataset_name(cfg.dataset))  # one spelling (a former one is resolved)
     model_cfg = override(base.model, **(model_overrides or {}))
     if cfg.batch_size % (world * cfg.grad_accum):
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
@@ -173,7 +161,7 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
             train_set = build_run_dataset(cfg.dataset, data_root, "train", transform)
             val_set = build_run_dataset(cfg.dataset, data_root, "val")
         du.barrier()
-    model_cfg = _adapt_to_data(model_cfg, base.loss.matcher, train_set.num_classes, cfg.dataset)
+    model_cfg = adapt_to_data(override(base, train=cfg), model_cfg, train_set.num_classes, model_overrides)
     run_config = config_dict(base.name, model_cfg, base.loss, cfg)
 
     seed_everything(cfg.seed)  # identical initial weights on every process
