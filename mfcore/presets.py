@@ -59,7 +59,7 @@ SMALL_DATASETS: dict[str, tuple[int, dict]] = {
                                     tta_short_sides=(48, 64, 80), lr=1e-3, backbone_lr_mult=1.0,
                                     clip_grad_norm=1.0)),
 }
-SMALL_BACKBONES = ("tiny", "r18")
+SMALL_BACKBONES = ("tiny", "tiny8", "r18")
 
 
 def one_query_per_class(model: ModelConfig, loss: LossConfig) -> bool:

@@ -456,3 +456,22 @@ RUNS: dict[str, Callable[[Context], dict]] = {
 TABLES: dict[str, Callable[[Context], Table]] = {
     "table1": table1, "table2": table2, "table3": table3, "table4": table4, "table5": table5, "table7": table7,
     "table8": table8, "table_queries": table_queries, "table_boundary": table_boundary}
+
+
+def side_by_side(results_dirs: dict[str, str | Path], name: str = "table2",
+                 keys: tuple[str, ...] = ("K", "model"), metric: str = "mIoU") -> pd.DataFrame:
+    """One committed table of several profiles side by side with the paper's column:
+    {"quick": "results", "laptop": "results/laptop"} -> rows `keys`, columns "<metric> paper" and
+    "<metric> <profile>" for each profile whose `<dir>/tables/<name>.csv` exists."""
+    merged = None
+    for profile, folder in results_dirs.items():
+        path = Path(folder) / "tables" / f"{name}.csv"
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, comment="#")
+        part = frame[[*keys, f"{metric} ours"]].rename(columns={f"{metric} ours": f"{metric} {profile}"})
+        if merged is None:
+            merged = frame[[*keys, f"{metric} paper"]].merge(part, on=list(keys))
+        else:
+            merged = merged.merge(part, on=list(keys), how="outer")
+    return merged if merged is not None else pd.DataFrame()

@@ -21,6 +21,10 @@ Two small ones for CPU runs, trained from scratch here (not in the paper):
                 (8 channels per group, as GN(32) over 256 in the pixel decoder): GN does not depend on
                 the batch size (a laptop fits a few images per step) and behaves the same in train and
                 eval, so short runs have no running statistics to warm up.
+  tiny8         `tiny` with stride 1 in its last two stages (output stride 8, as DeepLab's dilated
+                backbones): on 64x64 scenes res5 is 8x8, so the queries can attend to the deepest
+                features at a resolution where a segment still covers several positions (the paper's res5
+                of a 512 crop is 16x16); the same parameters as `tiny`.
 
 mfcore never downloads weights: `pretrained` is a path to a local state-dict file.
 """
@@ -52,7 +56,7 @@ SWIN_SPECS = {
     "swin-b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12),
     "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
 }
-BACKBONES: tuple[str, ...] = ("r50", "r101", "r101c", *SWIN_SPECS, "r18", "tiny")
+BACKBONES: tuple[str, ...] = ("r50", "r101", "r101c", *SWIN_SPECS, "r18", "tiny", "tiny8")
 
 
 class Backbone(nn.Module):
@@ -130,7 +134,8 @@ def _resnet(depths: tuple[int, ...], bottleneck: bool, frozen_bn: bool, deep_ste
 class TinyBackbone(Backbone):
     """A narrow ResNet: two stride-2 3x3 convs (stride 4), then one BasicBlock per stage."""
 
-    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), channels_per_group: int = 8):
+    def __init__(self, widths: tuple[int, ...] = (16, 32, 64, 128), channels_per_group: int = 8,
+                 strides: tuple[int, ...] = (1, 2, 2, 2)):
         super().__init__()
 
         def norm(c: int) -> nn.GroupNorm:
@@ -141,8 +146,7 @@ class TinyBackbone(Backbone):
             nn.Conv2d(3, w0, 3, stride=2, padding=1, bias=False), norm(w0), nn.ReLU(inplace=True),
             nn.Conv2d(w0, w0, 3, stride=2, padding=1, bias=False), norm(w0), nn.ReLU(inplace=True))
         layers, c_in = [], w0
-        for i, c in enumerate(widths):
-            stride = 1 if i == 0 else 2  # stage 1 keeps the stem's stride 4, later ones halve
+        for c, stride in zip(widths, strides):  # stage 1 keeps the stem's stride 4, later ones halve (or keep)
             shortcut = None
             if stride != 1 or c_in != c:
                 shortcut = nn.Sequential(nn.Conv2d(c_in, c, 1, stride=stride, bias=False), norm(c))
@@ -291,12 +295,14 @@ def build_backbone(name: str, pretrained: str | Path | None = None, drop_path: f
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}': expected one of {', '.join(BACKBONES)}")
-    if not 0.0 <= drop_path < 1.0 or (drop_path > 0 and name == "tiny"):
+    if not 0.0 <= drop_path < 1.0 or (drop_path > 0 and name.startswith("tiny")):
         raise ValueError(f"drop_path must be in [0, 1) (and 0 for 'tiny'), got {drop_path} for '{name}'")
     if name in SWIN_SPECS:
         backbone: Backbone = SwinBackbone(*SWIN_SPECS[name], drop_path=drop_path)
     elif name == "tiny":
         backbone = TinyBackbone()
+    elif name == "tiny8":
+        backbone = TinyBackbone(strides=(1, 2, 1, 1))
     elif name == "r18":
         backbone = _resnet((2, 2, 2, 2), bottleneck=False, frozen_bn=False, deep_stem=False,
                            drop_path=drop_path)
