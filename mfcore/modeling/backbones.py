@@ -28,6 +28,7 @@ Two small ones for CPU runs, trained from scratch here (not in the paper):
 
 mfcore never downloads weights: `pretrained` is a path to a local state-dict file.
 """
+import math
 from pathlib import Path
 
 import torch
@@ -63,13 +64,14 @@ class Backbone(nn.Module):
     """Base class: subclasses fill `out_channels` and implement `stages`."""
 
     out_channels: dict[str, int]
+    out_strides: tuple[int, ...] = STRIDES  # of res2..res5
     # checkpoint keys starting with these belong to the classifier and are dropped when loading
     classifier_keys: tuple[str, ...] = ("fc.", "head.")
     # layers MaskFormer adds to the classification net: absent from ImageNet files, so not "missing"
     new_layers: tuple[str, ...] = ()
 
     def stages(self, x: Tensor) -> list[Tensor]:
-        """x: [B, 3, H, W] -> the four maps at strides 4, 8, 16, 32, each [B, C, H/s, W/s]."""
+        """x: [B, 3, H, W] -> the four maps at `out_strides` (4, 8, 16, 32), each [B, C, H/s, W/s]."""
         raise NotImplementedError
 
     def convert_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -154,6 +156,7 @@ class TinyBackbone(Backbone):
             c_in = c
         self.layers = nn.ModuleList(layers)
         self.out_channels = dict(zip(FEATURES, widths))
+        self.out_strides = tuple(4 * math.prod(strides[:i + 1]) for i in range(len(strides)))
         for m in self.modules():
             if isinstance(m, nn.Conv2d):  # He init, as torchvision and timm do for ResNets
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
