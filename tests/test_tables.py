@@ -95,3 +95,18 @@ def test_table2_verdict_reads_the_gap_at_the_smallest_and_largest_k():
     assert all(line.startswith("HOLDS") for line in tables.table2_verdict(frame({8: 0.5, 32: 1.0, 64: 3.0})))
     assert all(line.startswith("DOES NOT HOLD") for line in tables.table2_verdict(frame({8: 4.0, 32: 1.0, 64: 2.0})))
     assert all(line.startswith("DOES NOT HOLD") for line in tables.table2_verdict(frame({8: -4.0, 64: -1.0})))
+
+
+def test_side_by_side_joins_profiles_on_the_paper_column(tmp_path):
+    import pandas as pd
+
+    for profile, value in (("quick", 40.0), ("laptop", 45.0)):
+        folder = tmp_path / profile / "tables"
+        folder.mkdir(parents=True)
+        pd.DataFrame([{"K": 8, "model": "MaskFormer", "mIoU paper": 78.5, "mIoU ours": value}]).to_csv(
+            folder / "table2.csv", index=False)
+        (folder / "table2.csv").open("a").write("# provenance: test\n")
+    frame = tables.side_by_side({"quick": tmp_path / "quick", "laptop": tmp_path / "laptop",
+                                 "gpu": tmp_path / "gpu"})
+    assert list(frame.columns) == ["K", "model", "mIoU paper", "mIoU quick", "mIoU laptop"]
+    assert frame.iloc[0].tolist() == [8, "MaskFormer", 78.5, 40.0, 45.0]
