@@ -119,8 +119,11 @@ def _adapt_to_data(model_cfg: ModelConfig, loss_matcher: str, num_classes: int, 
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(record)) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(json_safe(record)) + "\n")
+    except OSError as err:  # full or read-only disk
+        raise OSError(err.errno, f"cannot append to {path}: {err.strerror or err}") from err
 
 
 def _nonfinite_outputs(outputs: Any, prefix: str = "") -> list[str]:
@@ -205,6 +208,9 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     output_dir = Path(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output {output_dir} is a file, not a run folder")
+    base = get_preset(preset)  # bad values are refused before the run folder is created or locked
+    override(base.train, **(train_overrides or {}))
+    override(base.model, **(model_overrides or {}))
     device = du.init_distributed(resolve_device(device))
     with RunLock(output_dir) if du.is_main_process() else nullcontext():
         return _train(preset, output_dir, data_root, train_overrides, model_overrides, resume, progress, device,
