@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="datasets root (default for synthetic presets: data/generated/synthetic)")
     p.add_argument("--tta", action="store_true", help="multi-scale + flip test (semantic metrics)")
     p.add_argument("--split", default="val")
-    p.add_argument("--output", help="JSON path (default: eval_<split>[_tta].json next to the checkpoint)")
+    p.add_argument("--output", help="JSON path (default: eval_<split>[_tta].json next to the checkpoint; "
+                                          "with --max-images N: eval_<split>[_tta]_firstN.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, help="score only the first N images")
     p.add_argument("--inference", choices=("semantic", "general"), default="semantic",

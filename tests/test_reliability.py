@@ -395,3 +395,12 @@ def test_resume_on_another_data_root_is_refused(data_root, tmp_path):
     other = _copy(data_root, tmp_path)
     with pytest.raises(ValueError, match="--data-root"):
         train(PRESET, tmp_path / "run", other, resume=True, **kw)
+
+
+def test_pq_refuses_a_segment_id_listed_twice():
+    from mfcore.panoptic_quality import pq_compute_single
+
+    seg = np.ones((4, 4), dtype=np.int64)
+    segments = [{"id": 1, "category_id": 0}, {"id": 1, "category_id": 0}]
+    with pytest.raises(ValueError, match=r"ground-truth segments list id\(s\) \[1\] more than once"):
+        pq_compute_single(seg, segments, seg, segments[:1], [{"id": 0, "isthing": 0}])
