@@ -404,3 +404,31 @@ def test_pq_refuses_a_segment_id_listed_twice():
     segments = [{"id": 1, "category_id": 0}, {"id": 1, "category_id": 0}]
     with pytest.raises(ValueError, match=r"ground-truth segments list id\(s\) \[1\] more than once"):
         pq_compute_single(seg, segments, seg, segments[:1], [{"id": 0, "isthing": 0}])
+
+
+def test_an_all_ignore_val_set_fails_the_run_after_saving(data_root, tmp_path):
+    root = _copy(data_root, tmp_path)
+    for label in (root / "ADEChallengeData2016" / "annotations" / "validation").iterdir():
+        Image.fromarray(np.zeros((32, 32), dtype=np.uint8)).save(label)
+    with pytest.raises(ValueError, match="no labelled pixels"):
+        train(PRESET, tmp_path / "run", root, train_overrides=dict(FAST, iters=1), model_overrides=SMALL_MODEL,
+              progress="off")
+    assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 1
+    assert not (tmp_path / "run" / "eval_val.json").exists()
+
+
+class _SignalHandlers(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> list:
+        return [int(signal.getsignal(s) == signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)]
+
+
+def test_loader_workers_ignore_stop_signals():
+    from mfcore.training.runtime import ignore_stop_signals
+
+    loader = torch.utils.data.DataLoader(_SignalHandlers(), batch_size=2, num_workers=1,
+                                         worker_init_fn=ignore_stop_signals)
+    (batch,) = list(loader)
+    assert [int(v) for v in torch.stack(batch).flatten()] == [1, 1, 1, 1]

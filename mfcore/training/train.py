@@ -408,6 +408,9 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
     result = None
     if status == "finished":
         result = run_eval(it)
+        if result["semantic"]["mIoU"] != result["semantic"]["mIoU"]:  # NaN: not one labelled val pixel
+            raise ValueError(f"the val split of {cfg.dataset} has no labelled pixels (all ignore): its mIoU is "
+                             f"undefined; the trained model is saved in {ckpt_path}")
         if main:
             write_json(output_dir / "eval_val.json", {"iteration": it, "metrics": result, "config": run_config})
     else:
