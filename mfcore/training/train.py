@@ -53,6 +53,7 @@ from mfcore.training.runtime import (
     RunLock,
     SeededSamples,
     build_run_dataset,
+    default_synthetic_root,
     ignore_stop_signals,
     resolve_device,
     seed_everything,
@@ -261,7 +262,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start, last_saved = 0, None
     # the data a run was trained on is part of it: resuming on another root of the same K is refused
-    data_source = str(Path(data_root).resolve()) if data_root is not None else "default"
+    data_source = str(Path(data_root if data_root is not None else default_synthetic_root()).resolve())
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         diffs = config_differences(ckpt["config"], run_config, ignore=RUN_LEVEL)
