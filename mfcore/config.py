@@ -90,9 +90,8 @@ def _typed(where: str, value: Any, kind: Any) -> Any:
     """`value` (parsed from text) checked against the annotation `kind`; ValueError naming what was expected."""
     origin, args = typing.get_origin(kind), typing.get_args(kind)
     if origin in (typing.Union, types.UnionType):  # X | None
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            if type(None) in args:
-                return None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
