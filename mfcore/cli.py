@@ -28,16 +28,19 @@ TRAIN_FLAGS = {"iters": int, "batch_size": int, "lr": float, "amp": str, "grad_a
 
 
 def _parse_sets(items: list[str]) -> dict:
-    """["num_queries=50", "memory_feature=\"res3\""] -> ModelConfig overrides (values are JSON, else text)."""
+    """["num_queries=50", "self_attention=false"] -> ModelConfig overrides, each value type-checked against
+    the field's annotation (bool, int, float, text, lists, none); unknown fields are refused."""
+    from mfcore.config import ModelConfig, parse_field
+
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set num_queries=50")
         try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
+            out[key.strip()] = parse_field(ModelConfig, key.strip(), value)
+        except ValueError as err:
+            raise ValueError(f"--set {item}: {err}") from None
     return out
 
 
@@ -125,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="datasets root (default for synthetic presets: data/generated/synthetic)")
     p.add_argument("--tta", action="store_true", help="multi-scale + flip test (semantic metrics)")
     p.add_argument("--split", default="val")
-    p.add_argument("--output", help="JSON path (default: eval_<split>[_tta].json next to the checkpoint)")
+    p.add_argument("--output", help="JSON path (default: eval_<split>[_tta].json next to the checkpoint; "
+                                          "with --max-images N: eval_<split>[_tta]_firstN.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, help="score only the first N images")
     p.add_argument("--inference", choices=("semantic", "general"), default="semantic",
@@ -214,11 +218,32 @@ def _tables(args: argparse.Namespace) -> None:
             print(f"wrote {figure}")
 
 
+def _one_line(err: BaseException) -> str:
+    """The message of `err` in one line. An error raised inside a DataLoader worker arrives with the worker's
+    traceback in its message ("Caught ValueError in DataLoader worker process 0. Original Traceback ...");
+    only its last line, the original error, is kept."""
+    text = str(err)
+    if isinstance(err, KeyError) and len(err.args) == 1 and isinstance(err.args[0], str):
+        text = f"missing key {err.args[0]!r}"
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1].strip()
+        kind, sep, rest = last.partition(": ")
+        text = rest if sep and kind.replace(".", "").isidentifier() else last
+    return " ".join(text.split()) or type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError, KeyError, RuntimeError, FloatingPointError) as e:
         # bad input is reported in one line with a non-zero exit, not a traceback wall
-        print(f"mfcore {args.command}: error: {e}", file=sys.stderr)
+        print(f"mfcore {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:  # read-only or full disk, a path that is a file or a folder, permissions
+        where = f" ({e.filename})" if e.filename and str(e.filename) not in str(e) else ""
+        print(f"mfcore {args.command}: error: {_one_line(e)}{where}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (which saves a checkpoint itself)
+        print(f"mfcore {args.command}: interrupted", file=sys.stderr)
+        sys.exit(130)

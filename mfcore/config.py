@@ -6,6 +6,10 @@ paper's (MaskFormer R50 on ADE20K-150); presets in `mfcore.presets` override wha
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +90,67 @@ def from_dict(cls: type, data: dict) -> Any:
     return cls(**data)
 
 
+def _typed(where: str, value: Any, kind: Any) -> Any:
+    """`value` (parsed from text) checked against the annotation `kind`; ValueError naming what was expected."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):  # X | None
+        if type(None) in args and (value is None or (isinstance(value, str) and value.lower() in ("none", "null"))):
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _typed(where, value, arg)
+            except ValueError as err:
+                errors.append(str(err))
+        raise ValueError(errors[0] if errors else f"{where}={value!r}: expected None")
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise ValueError(f"{where}={value!r}: expected true or false")
+    if kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}={value!r}: expected an integer")
+    if kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{where}={value!r}: expected a number")
+    if kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"{where}={value!r}: expected text")
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}={value!r}: expected a JSON list, e.g. [1, 2, 3]")
+        if origin is tuple and args and args[-1] is not Ellipsis and len(value) != len(args):
+            raise ValueError(f"{where}={value!r}: expected a list of {len(args)} values")
+        items = [args[0] if (origin is list or (args and args[-1] is Ellipsis)) else args[i]
+                 for i in range(len(value))] if args else [Any] * len(value)
+        return tuple(_typed(f"{where}[{i}]", v, k) for i, (v, k) in enumerate(zip(value, items)))
+    return value
+
+
+def parse_field(cls: type, name: str, text: str) -> Any:
+    """The value of field `name` of config dataclass `cls` written as `text` on a command line
+    ("false", "50", "0.5", "res3", "[1, 2, 3]", "none"), type-checked against the field's annotation.
+    Unknown fields and values of the wrong type are a ValueError in one line."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ValueError(f"{cls.__name__} has no field {name!r}; valid: {', '.join(sorted(hints))}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    if (hints[name] is str or str in typing.get_args(hints[name])) and value is not None \
+            and not isinstance(value, str):
+        value = text  # a text field takes the text as written (e.g. a file name "123")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{cls.__name__}.{name}={text!r}: expected a finite number")
+    return _typed(f"{cls.__name__}.{name}", value, hints[name])
+
+
 def override(cfg: Any, **changes: Any) -> Any:
     """Copy of `cfg` with fields changed; a misspelt field is an error."""
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -135,3 +200,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp={self.amp!r}: expected off, bf16 or fp16")
         if self.lr_schedule not in ("poly", "step"):
             raise ValueError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: expected poly or step")
+        # sizes and periods: a zero or negative value hangs, divides by zero or silently means something else
+        for name, low in (("iters", 1), ("batch_size", 1), ("grad_accum", 1), ("checkpoint_period", 1),
+                          ("log_period", 1), ("eval_period", 0), ("num_workers", 0), ("max_size", 1),
+                          ("test_short_side", 1), ("warmup_iters", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"TrainConfig.{name}={value!r}: expected an integer >= {low}"
+                                 + (" (0: only at the end)" if name == "eval_period" else ""))
+        if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr={self.lr!r}: expected a number > 0")

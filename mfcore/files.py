@@ -28,16 +28,21 @@ def default_cache_dir() -> Path:
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
     """Call `write(f)` on a temporary binary file, then rename it over `path` (parents created)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())  # the bytes are on disk before the rename makes them visible
         os.replace(tmp, path)
+    except OSError as err:  # read-only or full disk, a parent that is a file, a target that is a folder
+        raise OSError(err.errno, f"cannot write {path}: {err.strerror or err}") from err
     finally:
-        tmp.unlink(missing_ok=True)  # only left over if writing failed
+        try:
+            tmp.unlink(missing_ok=True)  # only left over if writing failed
+        except OSError:
+            pass
     return path
 
 

@@ -49,6 +49,11 @@ def pq_compute_single(
     known = _isthing_by_category(categories)
     gt_info = {int(s["id"]): s for s in gt_segments}
     pred_info = {int(s["id"]): s for s in pred_segments}
+    for name, info, segments in (("ground-truth", gt_info, gt_segments), ("predicted", pred_info, pred_segments)):
+        if len(info) != len(segments):  # one id listed twice would be counted twice (or its category lost)
+            ids = [int(s["id"]) for s in segments]
+            raise ValueError(f"{name} segments list id(s) {sorted({i for i in ids if ids.count(i) > 1})} "
+                             f"more than once")
     for name, info in (("ground-truth", gt_info), ("predicted", pred_info)):
         for seg_id, seg in info.items():
             if seg_id == VOID:

@@ -7,6 +7,7 @@ SemanticSegDataset or PanopticSegDataset (mfcore.data.base) mapping raw labels t
 """
 from __future__ import annotations
 
+import collections
 import functools
 from pathlib import Path
 from typing import Callable, Sequence
@@ -78,7 +79,15 @@ def ade20k(root: str | Path, split: str = "train", transform: Callable | None = 
     name, class_names, thing_ids = "ade20k", list(catalog.ADE20K_150_CLASSES), []
     if (base / "synthetic_meta.json").is_file():
         meta = read_json(base / "synthetic_meta.json")
+<<<<<<< HEAD
         name, class_names, thing_ids = catalog.dataset_name(meta["name"]), meta["class_names"], meta["thing_ids"]
+=======
+        missing = [k for k in ("name", "class_names", "thing_ids") if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise ValueError(f"{base / 'synthetic_meta.json'}: missing {', '.join(missing)}; expected an object with "
+                             f"name, class_names and thing_ids (rewrite it with `python -m mfcore make-synthetic`)")
+        name, class_names, thing_ids = meta["name"], meta["class_names"], meta["thing_ids"]
+>>>>>>> reliability
     records = _pair_images(base / "images" / sub, base / "annotations" / sub,
                            lambda p: [p.stem + ".png"], name)
     k = len(class_names)
@@ -151,12 +160,45 @@ def _panoptic(name: str, split: str, json_path: Path, png_dir: Path, image_dir: 
     _require_dir(png_dir, name)
     _require_dir(image_dir, name)
     data = read_json(json_path)
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), list) \
+            or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{name}: {json_path} is not a COCO panoptic file: expected a JSON object with "
+                         f"'categories' and 'annotations' lists")
+    if not data["annotations"]:
+        raise ValueError(f"{name}: {json_path} has no annotations (an empty split cannot be trained or scored)")
     categories = data["categories"]
-    contiguous = {c["id"]: i for i, c in enumerate(categories)}
+    try:
+        contiguous = {c["id"]: i for i, c in enumerate(categories)}
+        image_files = {img["id"]: img["file_name"] for img in data.get("images", [])}
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{name}: {json_path}: a category or image entry lacks {err} (expected 'id', "
+                         f"'file_name')") from None
+    if len(contiguous) != len(categories):
+        raise ValueError(f"{name}: {json_path} lists a category id twice")
     thing_ids = [i for i, c in enumerate(categories) if c.get("isthing", 0)]
-    image_files = {img["id"]: img["file_name"] for img in data.get("images", [])}
-    records = []
-    for ann in data["annotations"]:
+    records, seen = [], {}
+    for number, ann in enumerate(data["annotations"]):
+        missing = [k for k in ("file_name", "image_id", "segments_info") if not isinstance(ann, dict) or k not in ann]
+        if missing:
+            raise ValueError(f"{name}: annotation {number} in {json_path} lacks {', '.join(missing)}")
+        for what, key in (("image_id", ann["image_id"]), ("file_name", ann["file_name"])):
+            if (what, key) in seen:
+                raise ValueError(f"{name}: {json_path} annotates {what} {key!r} twice (annotations "
+                                 f"{seen[what, key]} and {number})")
+            seen[what, key] = number
+        for file_name in (ann["file_name"], image_files.get(ann["image_id"], "")):
+            if Path(file_name).is_absolute() or ".." in Path(file_name).parts:
+                raise ValueError(f"{name}: {json_path} names file {file_name!r}; expected a name relative to "
+                                 f"its folder, without '..'")
+        if not isinstance(ann["segments_info"], list) or not all(
+                isinstance(s, dict) and "id" in s and "category_id" in s for s in ann["segments_info"]):
+            raise ValueError(f"{name}: {json_path}: segments_info of {ann['file_name']} must be a list of objects "
+                             f"with 'id' and 'category_id'")
+        counts = collections.Counter(s["id"] for s in ann["segments_info"])
+        duplicates = sorted((i for i, n in counts.items() if n > 1), key=str)
+        if duplicates:
+            raise ValueError(f"{name}: {json_path} lists segment id(s) {duplicates} of {ann['file_name']} more "
+                             f"than once; every segment needs its own id")
         png = png_dir / ann["file_name"]
         if not png.is_file():
             raise FileNotFoundError(f"{name}: {json_path} names panoptic PNG {png}, which does not exist")
@@ -200,6 +242,7 @@ def synthetic_semantic(root: str | Path, split: str = "train", transform: Callab
     """Synthetic scenes in the ADE20K layout (mfcore.data.synthetic_writer): the ade20k reader,
     insisting on the synthetic_meta.json so that real ADE20K is never read by mistake."""
     meta = Path(root) / "ADEChallengeData2016" / "synthetic_meta.json"
+    _split_dir(split, {"train": "training", "val": "validation"}, "synthetic_semantic")
     if not meta.is_file():
         raise FileNotFoundError(f"synthetic: expected {meta}; write the scenes with "
                                 f"`python -m mfcore make-synthetic {root}` ({LAYOUT_HINT})")

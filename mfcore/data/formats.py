@@ -39,6 +39,9 @@ def read_image(path: str | Path) -> np.ndarray:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):  # convert("RGB") would clip to 0 / 255
+                raise ValueError(f"image {path} has PIL mode {im.mode!r} (16/32-bit single channel); expected an "
+                                 f"8-bit RGB or grayscale image")
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from err

@@ -13,7 +13,9 @@ intact, never a truncated file.
 """
 from __future__ import annotations
 
+import errno
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +68,15 @@ def configs_from_checkpoint(ckpt: dict) -> tuple[str, ModelConfig, LossConfig, T
 def save_checkpoint(path: str | Path, checkpoint: dict) -> None:
     """Write `checkpoint` (see module docstring) to `path` atomically."""
     checkpoint = {"format": FORMAT, "git_commit": git_commit(), **checkpoint}
-    atomic_write(path, lambda f: torch.save(checkpoint, f))
+    try:
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
+    except RuntimeError as err:  # torch's zip writer: "[enforce fail at inline_container.cc] unexpected pos"
+        free = ""
+        try:
+            free = f"; {shutil.disk_usage(Path(path).parent).free / 2**20:.0f} MiB free on its disk"
+        except OSError:
+            pass
+        raise OSError(errno.EIO, f"cannot write checkpoint {path}: writing failed (disk full?){free}") from err
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -74,12 +84,15 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint {path} is empty (0 bytes): it was not written completely")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # the unpickler raises many types; all mean "not a readable checkpoint"
-        raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {err}. "
-                         f"Released detectron2 .pkl files must be converted first: "
-                         f"python -m mfcore convert-checkpoint FILE.pkl OUT.pt --preset NAME --allow-pickle") from err
+        reason = " ".join(str(err).split()) or type(err).__name__
+        hint = (". Released detectron2 .pkl files must be converted first: python -m mfcore convert-checkpoint "
+                "FILE.pkl OUT.pt --preset NAME --allow-pickle") if path.suffix == ".pkl" else ""
+        raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {reason}{hint}") from err
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise ValueError(f"{path} is not an mfcore checkpoint (expected a dict with format={FORMAT!r})")
     return ckpt

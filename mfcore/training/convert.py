@@ -101,6 +101,10 @@ def read_released(path: str | Path, allow_pickle: bool = False) -> dict[str, Ten
     weights = obj.get("model", obj) if isinstance(obj, dict) else None
     if not isinstance(weights, dict) or not all(isinstance(v, np.ndarray) for v in weights.values()):
         raise ValueError(f"{path}: expected a dict with a 'model' entry mapping names to numpy arrays")
+    odd = [f"{k} ({v.dtype})" for k, v in weights.items() if v.dtype.kind not in "biuf"]
+    if odd:  # e.g. object arrays, which torch cannot hold
+        raise ValueError(f"{path}: {len(odd)} entr(ies) of 'model' are not numeric arrays (first: {odd[0]}); "
+                         f"expected numeric weights")
     return {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}  # np.array: a writable copy
 
 

@@ -195,19 +195,32 @@ def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: b
     Returns the written dict: {"checkpoint", "iteration", "split", "tta", "metrics", "config", "git_commit"}.
     """
     checkpoint = Path(checkpoint)
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise ValueError(f"max_images={max_images!r}: expected an integer >= 1")
+    if output is not None and Path(output).is_dir():
+        raise IsADirectoryError(f"--output {output} is a folder; expected a JSON file path")
     device = du.init_distributed(resolve_device(device))
     model, ckpt = load_trained_model(checkpoint)
+    bad = [k for k, v in ckpt["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{checkpoint} holds NaN/inf in {len(bad)} weight tensor(s) (first: {bad[0]}): the run "
+                         f"diverged; there is nothing meaningful to evaluate")
     preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
     model.to(device)
     dataset = checkpoint_dataset(checkpoint, model_cfg, train_cfg, data_root, split)
     start = time.perf_counter()
     metrics = evaluate_model(model, dataset, train_cfg, device, tta, max_images, inference)
+    if metrics["semantic"]["mIoU"] != metrics["semantic"]["mIoU"]:  # NaN: not one labelled pixel was scored
+        raise ValueError(f"the {split} split of {train_cfg.dataset} has no labelled pixels in the "
+                         f"{metrics['num_images']} image(s) scored (all ignore): mIoU is undefined")
     result = {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, "tta": tta,
               "inference": inference,
               "seconds": round(time.perf_counter() - start, 2), "metrics": metrics,
               "config": config_dict(preset, model_cfg, loss_cfg, train_cfg), "git_commit": ckpt.get("git_commit")}
     if du.is_main_process():
         suffix = "_tta" if tta else "_general" if inference == "general" else ""
+        if max_images is not None and max_images < len(dataset):  # a partial check never replaces the full result
+            suffix += f"_first{max_images}"
         path = Path(output) if output else checkpoint.parent / f"eval_{split}{suffix}.json"
         write_json(path, result)
         result["output"] = str(path)

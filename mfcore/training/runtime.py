@@ -88,6 +88,79 @@ def forked_rng(seed: int) -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+class RunLock:
+    """Exclusive use of a run folder by one process: `OUTPUT/.lock` holds "PID HOST", locked with flock.
+
+    A second process gets a RuntimeError naming the holder. The lock dies with its process (flock), so a
+    lock file left by a killed run is taken over, never blocking. Use as a context manager."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / self.NAME
+        self._fd: int | None = None
+
+    def _holder(self) -> str:
+        try:
+            text = self.path.read_text().split()
+        except OSError:
+            return "another process"
+        return f"process {text[0]}" + (f" on {text[1]}" if len(text) > 1 else "") if text else "another process"
+
+    def acquire(self) -> RunLock:
+        import fcntl
+        import socket
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot create run folder {self.path.parent}: {err.strerror or err}") from err
+        for _ in range(10):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise OSError(err.errno, f"cannot create lock file {self.path}: {err.strerror or err}") from err
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise RuntimeError(f"run folder {self.path.parent} is in use by {self._holder()} (lock file "
+                                   f"{self.path}); wait for that run to end or choose another --output") from None
+            try:  # the holder may have removed the file between our open and flock: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+                self._fd = fd
+                return self
+            os.close(fd)
+        raise RuntimeError(f"could not lock run folder {self.path.parent} (lock file {self.path} keeps changing)")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # closing releases the flock
+            self._fd = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """DataLoader `worker_init_fn`: workers ignore SIGINT / SIGTERM, so that Ctrl-C or a scheduler's signal
+    to the whole process group leaves the decision to the main process (which finishes the step, saves a
+    checkpoint and shuts the workers down); a worker whose parent dies still exits (DataLoader's watchdog)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class SeededSamples(Dataset):
     """Wraps a dataset: item (index, seed) -> dataset[index] computed under RNGs seeded with `seed`."""
 
@@ -151,4 +224,4 @@ class ResumableBatchSampler:
 
 
 __all__ = ["resolve_device", "seed_everything", "default_synthetic_root", "checkpoint_dataset",
-           "build_run_dataset", "forked_rng", "SeededSamples", "ResumableBatchSampler"]
+           "build_run_dataset", "forked_rng", "RunLock", "ignore_stop_signals", "SeededSamples", "ResumableBatchSampler"]

@@ -20,7 +20,8 @@ import signal
 import sys
 import threading
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +33,7 @@ from torch.utils.data import DataLoader
 from mfcore.config import TrainConfig, override
 from mfcore.data.catalog import SYNTHETIC, dataset_name
 from mfcore.data.transforms import build_train_transform, collate
-from mfcore.files import json_safe, write_json
+from mfcore.files import json_safe, write_json, write_text
 from mfcore.losses import build_criterion, total_loss
 from mfcore.modeling.models import build_model
 from mfcore.presets import adapt_to_data, get_preset
@@ -49,8 +50,11 @@ from mfcore.training.checkpoint import (
 from mfcore.training.evaluate import evaluate_model
 from mfcore.training.runtime import (
     ResumableBatchSampler,
+    RunLock,
     SeededSamples,
     build_run_dataset,
+    default_synthetic_root,
+    ignore_stop_signals,
     resolve_device,
     seed_everything,
 )
@@ -84,14 +88,49 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def _batches(loader: DataLoader) -> Iterator[Any]:
+    """iter(loader) whose worker processes are shut down when the block ends, also by an exception (whose
+    traceback would otherwise keep the iterator, and its workers, alive until the interpreter exits)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+
+
 def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
     return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
             for t in targets]
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(json_safe(record)) + "\n")
+    try:
+        with open(path, "a") as f:
+            f.write(json.dumps(json_safe(record)) + "\n")
+    except OSError as err:  # full or read-only disk
+        raise OSError(err.errno, f"cannot append to {path}: {err.strerror or err}") from err
+
+
+def _nonfinite_outputs(outputs: Any, prefix: str = "") -> list[str]:
+    """Names of the model outputs (nested dicts / lists of tensors) holding NaN or inf."""
+    if isinstance(outputs, torch.Tensor):
+        return [prefix or "output"] if outputs.is_floating_point() and not torch.isfinite(outputs).all() else []
+    if isinstance(outputs, dict):
+        return [n for k, v in outputs.items() for n in _nonfinite_outputs(v, f"{prefix}.{k}" if prefix else k)]
+    if isinstance(outputs, (list, tuple)):
+        return [n for i, v in enumerate(outputs) for n in _nonfinite_outputs(v, f"{prefix}[{i}]")]
+    return []
+
+
+def _zero_loss(outputs: Any) -> torch.Tensor:
+    """0 x every output: a loss whose backward reaches every parameter (DDP's gradient all-reduce stays in step)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.float().sum() * 0.0 if outputs.is_floating_point() else torch.zeros(())
+    items = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (list, tuple)) else ()
+    return sum((_zero_loss(v) for v in items), torch.zeros(()))
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -106,10 +145,25 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _truncate_jsonl(path: Path, iteration: int) -> None:
-    """Drop records a killed run wrote after its last checkpoint (the resumed run writes them again)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["iter"] <= iteration]
-        path.write_text("".join(line + "\n" for line in kept))
+    """Drop records a killed run wrote after its last checkpoint (the resumed run writes them again), and a
+    last line it was still writing; the file is rewritten atomically. A damaged line elsewhere is an error."""
+    if not path.is_file():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
+                raise ValueError("no integer 'iter'")
+        except ValueError as err:  # json.JSONDecodeError is a ValueError
+            if number == len(lines):  # cut short when the run was killed: written again after resuming
+                break
+            raise ValueError(f"cannot resume: line {number} of {path} is not a metrics record ({err}); "
+                             f"remove or repair that line") from None
+        if record["iter"] <= iteration:
+            kept.append(line)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _show(progress: str, line: str, final: bool = False) -> None:
@@ -133,11 +187,28 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     stop_at: stop once this many iterations are done, as an interruption would (checkpoint, then return);
         0 saves the untrained model.
     Returns {"status": "finished" | "stopped" | "interrupted", "iteration", "checkpoint", "eval", "config"}.
+    The run folder is locked (OUTPUT/.lock) while the run lasts: a second run on it is refused.
     """
     if progress not in ("auto", "log", "off"):
         raise ValueError(f"progress={progress!r}: expected 'auto', 'log' or 'off'")
-    output_dir, ckpt_path = Path(output_dir), Path(output_dir) / "last.pt"
+    if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 0):
+        raise ValueError(f"stop_at={stop_at!r}: expected an integer >= 0 (0 saves the untrained model)")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output {output_dir} is a file, not a run folder")
+    base = get_preset(preset)  # bad values are refused before the run folder is created or locked
+    override(base.train, **(train_overrides or {}))
+    override(base.model, **(model_overrides or {}))
     device = du.init_distributed(resolve_device(device))
+    with RunLock(output_dir) if du.is_main_process() else nullcontext():
+        return _train(preset, output_dir, data_root, train_overrides, model_overrides, resume, progress, device,
+                      stop_at, on_log)
+
+
+def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_overrides: dict[str, Any] | None,
+           model_overrides: dict[str, Any] | None, resume: bool, progress: str, device: torch.device,
+           stop_at: int | None, on_log: Callable[[list[dict]], None] | None) -> dict:
+    ckpt_path = output_dir / "last.pt"
     rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
     base = get_preset(preset)
     cfg: TrainConfig = override(base.train, **(train_overrides or {}))
@@ -178,9 +249,13 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start, last_saved = 0, None
+    # the data a run was trained on is part of it: resuming on another root of the same K is refused
+    data_source = str(Path(data_root if data_root is not None else default_synthetic_root()).resolve())
     if resume:
         ckpt = load_checkpoint(ckpt_path)
         diffs = config_differences(ckpt["config"], run_config, ignore=RUN_LEVEL)
+        if ckpt.get("data_root", data_source) != data_source:
+            diffs.append(f"--data-root: {ckpt['data_root']} != {data_source}")
         if diffs:
             raise ValueError(f"cannot resume {ckpt_path}: the run's config differs: " + "; ".join(diffs))
         load_model_state(model, ckpt["model"], str(ckpt_path))
@@ -201,6 +276,7 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     # the loader gets its own generator so that creating it never draws from the global (dropout) RNG
     loader = DataLoader(SeededSamples(train_set), batch_sampler=sampler, num_workers=cfg.num_workers,
                         collate_fn=partial(collate, ignore_label=cfg.ignore_label), pin_memory=device.type == "cuda",
+                        worker_init_fn=ignore_stop_signals if cfg.num_workers > 0 else None,
                         generator=torch.Generator().manual_seed(cfg.seed))
     metrics_path = output_dir / "metrics.jsonl"
     if main:
@@ -212,12 +288,16 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
 
     def save(iteration: int) -> None:
         if main:
+            bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+            if bad:  # never replace a good checkpoint by a diverged model
+                raise FloatingPointError(f"not saving {ckpt_path} at iteration {iteration}: {len(bad)} weight "
+                                         f"tensor(s) hold NaN/inf (first: {bad[0]})")
             batches = iteration * cfg.grad_accum
             save_checkpoint(ckpt_path, {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
                 "rng": capture_rng_state(), "sampler": {"micro_batches": batches, **sampler.position(batches)},
-                "config": run_config})
+                "config": run_config, "data_root": data_source})
         du.barrier()
 
     def run_eval(iteration: int) -> dict:
@@ -233,9 +313,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
 
     amp = dict(device_type=device.type, dtype=AMP_DTYPES.get(cfg.amp, torch.float32), enabled=cfg.amp != "off")
     it, status, window = start, "finished", []
-    data_iter = iter(loader)
     tic = time.perf_counter()
-    with StopRequest() as stop:
+    with _batches(loader) as data_iter, StopRequest() as stop:
         while it < cfg.iters:
             if stop_at is not None and it >= stop_at:  # stop_at=0 saves the untrained model
                 status = "stopped"
@@ -252,9 +331,16 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
                 with sync:
                     with torch.autocast(**amp):
                         outputs = net(images)
-                    losses = criterion(outputs, targets)
-                    loss = total_loss(losses, criterion.weight_dict)
+                    bad_outputs = _nonfinite_outputs(outputs)
+                    if bad_outputs:  # checked before the matcher, which cannot match NaN costs
+                        nonfinite.append(f"model outputs {', '.join(bad_outputs[:4])} hold NaN/inf")
+                        losses, loss = {}, _zero_loss(outputs)
+                    else:
+                        losses = criterion(outputs, targets)
+                        loss = total_loss(losses, criterion.weight_dict)
                     scaler.scale(loss / cfg.grad_accum).backward()
+                if bad_outputs:
+                    continue
                 if not torch.isfinite(loss):
                     nonfinite.append({k: v.item() for k, v in losses.items() if not torch.isfinite(v)} or loss.item())
                 for k in ("loss_ce", "loss_mask", "loss_dice"):
@@ -273,6 +359,12 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (head group)
             scaler.unscale_(optimizer)
             grad_norm = clip_gradients(model, cfg.clip_grad_norm)
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps itself
+                kept = f"the last good checkpoint {ckpt_path} (iteration {last_saved}) is kept" if last_saved is not \
+                    None else "no checkpoint had been written yet"
+                raise FloatingPointError(f"non-finite gradient norm at iteration {it + 1} (the loss was finite); "
+                                         f"training stopped before the update and {kept}. Lower the learning rate "
+                                         f"or check the data, then resume.")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -302,10 +394,12 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
             if interrupted:
                 status = "interrupted"
                 break
-    del data_iter  # shuts the loader's worker processes down
     result = None
     if status == "finished":
         result = run_eval(it)
+        if result["semantic"]["mIoU"] != result["semantic"]["mIoU"]:  # NaN: not one labelled val pixel
+            raise ValueError(f"the val split of {cfg.dataset} has no labelled pixels (all ignore): its mIoU is "
+                             f"undefined; the trained model is saved in {ckpt_path}")
         if main:
             write_json(output_dir / "eval_val.json", {"iteration": it, "metrics": result, "config": run_config})
     else:
