@@ -79,15 +79,11 @@ def ade20k(root: str | Path, split: str = "train", transform: Callable | None = 
     name, class_names, thing_ids = "ade20k", list(catalog.ADE20K_150_CLASSES), []
     if (base / "synthetic_meta.json").is_file():
         meta = read_json(base / "synthetic_meta.json")
-<<<<<<< HEAD
-        name, class_names, thing_ids = catalog.dataset_name(meta["name"]), meta["class_names"], meta["thing_ids"]
-=======
         missing = [k for k in ("name", "class_names", "thing_ids") if not isinstance(meta, dict) or k not in meta]
         if missing:
             raise ValueError(f"{base / 'synthetic_meta.json'}: missing {', '.join(missing)}; expected an object with "
                              f"name, class_names and thing_ids (rewrite it with `python -m mfcore make-synthetic`)")
-        name, class_names, thing_ids = meta["name"], meta["class_names"], meta["thing_ids"]
->>>>>>> reliability
+        name, class_names, thing_ids = catalog.dataset_name(meta["name"]), meta["class_names"], meta["thing_ids"]
     records = _pair_images(base / "images" / sub, base / "annotations" / sub,
                            lambda p: [p.stem + ".png"], name)
     k = len(class_names)

@@ -10,6 +10,7 @@ Then a run resumed at iteration t sees exactly the batches an uninterrupted run 
 """
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
