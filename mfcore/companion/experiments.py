@@ -89,7 +89,7 @@ def synthetic_spec(ctx: Context, model: str, num_classes: int | None = None, see
     dataset = "synthetic-panoptic" if panoptic else "synthetic"
     # one protocol for every model of a table: the same backbone, width, data, lr, schedule and iterations
     overrides = {"pretrained": pretrained_backbone(ctx), "hidden_dim": p.width, "nheads": max(1, p.width // 16),
-                 **model_overrides}
+                 "memory_feature": p.memory_feature, **model_overrides}
     if model in ("maskformer", "maskformer-boxmatch") and "num_queries" not in overrides:
         overrides["num_queries"] = p.num_queries
     train = {"iters": p.iters, "batch_size": p.batch_size, "lr": p.lr, "seed": seed,
