@@ -245,6 +245,7 @@ def random_case(sizes, num_queries=5, num_classes=4, small=4, gt_sizes=None, see
 @pytest.mark.parametrize("sizes, gt_sizes", [
     ([3, 1, 2], None),
     ([2, 0, 7], [(16, 16), (12, 20), (12, 20)]),   # an image without segments, more segments than queries, two sizes
+    ([7, 2, 3], None),                              # unmatched segments in the first of three images of one size
 ])
 def test_fused_criterion_equals_the_plain_one(sizes, gt_sizes):
     """All 9 terms (3 layers) and the gradients of their weighted sum, fused vs plain, on the same matching."""
