@@ -179,9 +179,12 @@ class SetCriterion(nn.Module):
         giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(gt), reduction="sum")
         return {"loss_bbox": F.l1_loss(src, gt, reduction="sum") / num_masks, "loss_giou": giou / num_masks}
 
-    def layer_losses(self, outputs: dict, targets: list[dict], num_masks: float) -> dict[str, Tensor]:
-        """All terms for one decoder layer's outputs, with that layer's own matching."""
-        indices = self.matcher(outputs, targets)
+    def match(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
+        """Each decoder layer's own matching (deep supervision matches every layer anew)."""
+        return [self.matcher(layer, targets) for layer in layers]
+
+    def layer_losses(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float) -> dict[str, Tensor]:
+        """All terms for one decoder layer's outputs, given that layer's matching."""
         losses = {}
         if "labels" in self.losses:
             losses.update(self.loss_labels(outputs, targets, indices))
@@ -194,9 +197,11 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         check_targets(targets, outputs["pred_logits"].shape[0])
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
-        losses = self.layer_losses(outputs, targets, num_masks)
-        for i, aux in enumerate(_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
-            losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks).items()})
+        layers = [outputs, *_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)]
+        losses = {}
+        for i, (layer, indices) in enumerate(zip(layers, self.match(layers, targets))):
+            suffix = f"_{i - 1}" if i else ""  # the last layer's terms unsuffixed, then aux layers 0..L-2
+            losses.update({k + suffix: v for k, v in self.layer_losses(layer, targets, indices, num_masks).items()})
         return losses
 
 
@@ -233,8 +238,8 @@ class PerPixelCriterion(nn.Module):
             count += int((target != self.ignore_index).sum())
         return total / max(count, 1)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        logits = outputs["sem_seg_logits"]
+    def semantic_targets(self, logits: Tensor, targets: list[dict]) -> list[Tensor]:
+        """The B label maps [H, W] of `targets` on the logits' device, every label checked."""
         if len(targets) != logits.shape[0]:
             raise ValueError(f"targets: expected {logits.shape[0]} dicts (one per image), got {len(targets)}")
         sem = [semantic_target(t, self.ignore_index).to(logits.device) for t in targets]
@@ -243,6 +248,11 @@ class PerPixelCriterion(nn.Module):
             if bad.any():
                 raise ValueError(f"targets[{b}]: labels {s[bad].unique().tolist()} outside [0, "
                                  f"{self.num_classes}) and not ignore_index={self.ignore_index}")
+        return sem
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        logits = outputs["sem_seg_logits"]
+        sem = self.semantic_targets(logits, targets)
         losses = {"loss_ce": self.cross_entropy(logits, sem)}
         for i, aux in enumerate(_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
             losses[f"loss_ce_{i}"] = self.cross_entropy(aux["sem_seg_logits"], sem)

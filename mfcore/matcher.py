@@ -51,6 +51,33 @@ class HungarianMatcher(nn.Module):
         """(focal, dice) [B, N, M] of every pair of logits [B, N, P] and binary targets [B, M, P]."""
         return pairwise_focal_dice(logits, targets)
 
+    @staticmethod
+    def ground_truth(targets: list[dict], size: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch's segments padded to its largest count M: labels [B, M] (padding 0) and binary masks
+        [B, M, h*w] (padding empty) at the predictions' size (h, w), nearest-downsampled, in like's dtype."""
+        most = max(len(t["labels"]) for t in targets)
+        labels = torch.zeros(len(targets), most, dtype=torch.int64, device=like.device)
+        gt = like.new_zeros(len(targets), most, size[0] * size[1])
+        for b, t in enumerate(targets):
+            n = len(t["labels"])
+            if n:
+                labels[b, :n] = t["labels"]
+                # Costs are computed at the prediction's resolution (H/4 x W/4): cheap, and no gradient.
+                small = F.interpolate(t["masks"][None].to(like.dtype), size=size, mode="nearest")[0]
+                gt[b, :n] = small.flatten(1)
+        return labels, gt
+
+    @torch.no_grad()
+    def costs(self, logits: Tensor, masks: Tensor, labels: Tensor, gt: Tensor) -> Tensor:
+        """C = cost_class * -p_i(c_j) + cost_mask * focal + cost_dice * dice for logits [B, N, K+1], masks
+        [B, N, h, w] and ground_truth's labels [B, M], gt [B, M, h*w] -> [B, N, M]."""
+        # -p_i(c_j) rather than DETR's -log p_i(c_j): the probability lies in [0, 1] like the dice cost
+        # and the per-pixel focal mean, so no term can dominate the others by going to infinity.
+        prob = logits.softmax(-1)                                               # [B, N, K+1]
+        cost_class = -prob.gather(2, labels[:, None, :].expand(-1, logits.shape[1], -1))
+        focal, dice = self.mask_costs(masks.flatten(2), gt)                     # [B, N, M] each
+        return self.cost_class * cost_class + self.cost_mask * focal + self.cost_dice * dice
+
     @torch.no_grad()
     def cost_matrices(self, outputs: dict, targets: list[dict]) -> list[Tensor]:
         """outputs["pred_logits"]: [B, N, K+1], outputs["pred_masks"]: [B, N, h, w] -> B costs [N, n_b].
@@ -59,30 +86,11 @@ class HungarianMatcher(nn.Module):
         one batched matrix product; the padding columns are cut off before the assignment.
         """
         logits, masks = loss_dtype(outputs["pred_logits"]), loss_dtype(outputs["pred_masks"])
-        batch, num_queries = logits.shape[:2]
-        check_targets(targets, batch)
+        check_targets(targets, logits.shape[0])
         sizes = [len(t["labels"]) for t in targets]
-        most = max(sizes, default=0)
-        if most == 0:
-            return [logits.new_zeros(num_queries, 0) for _ in targets]
-        height, width = masks.shape[-2:]
-        labels = torch.zeros(batch, most, dtype=torch.int64, device=logits.device)
-        gt = logits.new_empty(batch, most, height * width)
-        for b, (t, n) in enumerate(zip(targets, sizes)):
-            gt[b, n:] = 0
-            if n:
-                labels[b, :n] = t["labels"]
-                # Costs are computed at the prediction's resolution (H/4 x W/4): cheap, and no gradient.
-                small = F.interpolate(t["masks"][None].to(gt.dtype), size=(height, width), mode="nearest")[0]
-                gt[b, :n] = small.flatten(1)
-
-        # -p_i(c_j) rather than DETR's -log p_i(c_j): the probability lies in [0, 1] like the dice cost
-        # and the per-pixel focal mean, so no term can dominate the others by going to infinity.
-        prob = logits.softmax(-1)                                               # [B, N, K+1]
-        cost_class = -prob.gather(2, labels[:, None, :].expand(batch, num_queries, most))
-        flat = masks.flatten(2)                                                 # [B, N, h*w]
-        focal, dice = self.mask_costs(flat, gt)                                 # [B, N, max n] each
-        cost = self.cost_class * cost_class + self.cost_mask * focal + self.cost_dice * dice
+        if max(sizes, default=0) == 0:
+            return [logits.new_zeros(logits.shape[1], 0) for _ in targets]
+        cost = self.costs(logits, masks, *self.ground_truth(targets, masks.shape[-2:], logits))
         return [cost[b, :, :n] for b, n in enumerate(sizes)]
 
     @torch.no_grad()

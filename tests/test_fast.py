@@ -27,6 +27,7 @@ from mfcore.fast.mask_loss import (
 )
 from mfcore.fast.mask_product import FoldedMaskProduct
 from mfcore.fast.matcher_costs import InPlaceCostMatcher, mask_costs
+from mfcore.fast.perpixel_loss import FusedPerPixelCriterion
 from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.losses import SetCriterion, build_criterion, total_loss
 from mfcore.mask_loss import focal_dice, pairwise_focal_dice
@@ -115,7 +116,7 @@ def test_switch_reads_the_environment_and_turns_every_entry_point_off(monkeypatc
     criterion = fast.build_criterion("hungarian", 5, 4, cost_mask=3.0)
     assert type(criterion) is FusedSetCriterion and type(criterion.matcher) is InPlaceCostMatcher
     assert criterion.matcher.cost_mask == 3.0
-    assert type(fast.build_criterion("perpixel", 5, 4)) is type(build_criterion("perpixel", 5, 4))
+    assert type(fast.build_criterion("perpixel", 5, 4)) is FusedPerPixelCriterion
 
 
 def test_accelerate_keeps_parameters_buffers_and_state_dict():
@@ -277,6 +278,38 @@ def test_in_place_mask_costs_equal_the_pairwise_losses(alpha, gamma):
         assert_all_close(pairwise_focal_dice(logits, targets), want)
     with pytest.raises(ValueError, match="alpha=0"):
         mask_costs(logits, targets, alpha=0.0)
+
+
+def test_matching_all_layers_at_once_equals_each_layer_alone():
+    outputs, targets = random_case([3, 0, 6], num_queries=6)
+    layers = [outputs, *outputs["aux_outputs"]]
+    plain, in_place = HungarianMatcher(1.0, 20.0, 1.0), InPlaceCostMatcher(1.0, 20.0, 1.0)
+    got = in_place.match_layers(layers, targets)
+    want = [plain(layer, targets) for layer in layers]
+    assert [[(i.tolist(), j.tolist()) for i, j in layer] for layer in got] == \
+        [[(i.tolist(), j.tolist()) for i, j in layer] for layer in want]
+    empty = in_place.match_layers(layers, [{"labels": t["labels"][:0], "masks": t["masks"][:0]} for t in targets])
+    assert len(empty) == 3 and all(len(i) == 0 for layer in empty for i, _ in layer)
+
+
+@pytest.mark.parametrize("sizes", [None, [(16, 16), (12, 20)]])
+def test_fused_per_pixel_criterion_equals_the_plain_one(sizes):
+    """All layers in one pass vs image by image and layer by layer: terms and gradients, ignored pixels
+    included; label maps of two sizes take the plain path."""
+    gen = torch.Generator().manual_seed(0)
+    layers = [(2 * torch.randn(2, 5, 4, 4, generator=gen, dtype=torch.float64)).requires_grad_() for _ in range(3)]
+    outputs = {"sem_seg_logits": layers[-1], "aux_outputs": [{"sem_seg_logits": x} for x in layers[:-1]]}
+    shapes = sizes or [(16, 16)] * 2
+    targets = [{"sem_seg": torch.randint(0, 5, hw, generator=gen)} for hw in shapes]
+    targets[0]["sem_seg"][:3] = 255
+    plain = build_criterion("perpixel", 5, 5, dec_layers=3)
+    fused = fast.build_criterion("perpixel", 5, 5, dec_layers=3)
+    assert type(fused) is FusedPerPixelCriterion
+    got, want = fused(outputs, targets), plain(outputs, targets)
+    assert list(got) == list(want) == ["loss_ce", "loss_ce_0", "loss_ce_1"]
+    assert_all_close(list(got.values()), list(want.values()))
+    assert_all_close(grads_of(total_loss(got, fused.weight_dict), layers),
+                     grads_of(total_loss(want, plain.weight_dict), layers))
 
 
 def test_in_place_matcher_equals_the_plain_one():

@@ -4,7 +4,8 @@ ground-truth masks prepared once for all decoder layers, and bilinear upsampling
 `mfcore.losses.SetCriterion` computes, per decoder layer, over the matched (prediction, segment) pairs:
     L_mask = 20 * focal(m, t) + 1 * dice(m, t),  the logits m bilinearly upsampled to the ground truth's size;
 `FusedSetCriterion` gives the same numbers (to float rounding) with fewer passes over the [M, H*W]
-upsampled logits and fewer intermediates kept for backward.
+upsampled logits and fewer intermediates kept for backward, and matches all decoder layers in one batch
+when its matcher is an `InPlaceCostMatcher`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mfcore.fast.matcher_costs import InPlaceCostMatcher
 from mfcore.losses import SetCriterion
 from mfcore.mask_loss import loss_dtype
 from mfcore.matcher import Indices
@@ -134,6 +136,12 @@ class FusedSetCriterion(SetCriterion):
             return super().forward(outputs, targets)
         finally:
             self._mask_targets = None
+
+    def match(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
+        """All layers' matchings in one batch where the matcher can (`InPlaceCostMatcher.match_layers`)."""
+        if isinstance(self.matcher, InPlaceCostMatcher):
+            return self.matcher.match_layers(layers, targets)
+        return super().match(layers, targets)
 
     def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
         """Matched pairs of all images at once (images whose ground truth has the same size share one

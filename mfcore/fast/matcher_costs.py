@@ -1,11 +1,13 @@
-"""The matching's mask costs computed in place: `mfcore.matcher.HungarianMatcher` with fewer passes over the
-[B, N, h*w] logits and its work tensors kept between calls."""
+"""The matching computed in place and for all decoder layers at once: `mfcore.matcher.HungarianMatcher` with
+fewer passes over the [B, N, h*w] logits, its work tensors kept between calls, and one cost tensor for every
+layer and image (one transfer to the host per training step, where the assignment runs)."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from mfcore.matcher import HungarianMatcher
+from mfcore.mask_loss import loss_dtype
+from mfcore.matcher import HungarianMatcher, Indices, assign, check_targets
 
 
 def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
@@ -75,3 +77,20 @@ class InPlaceCostMatcher(HungarianMatcher):
 
     def mask_costs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return mask_costs(logits, targets, scratch=self.scratch(logits, 4))
+
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
+        """[self(layer, targets) for layer in layers], the L layers' B images costed as one batch of L*B
+        (the ground truth prepared once) and brought to the host in one transfer."""
+        logits = torch.cat([loss_dtype(layer["pred_logits"]) for layer in layers])       # [L*B, N, K+1]
+        masks = torch.cat([loss_dtype(layer["pred_masks"]) for layer in layers])         # [L*B, N, h, w]
+        check_targets(targets, layers[0]["pred_logits"].shape[0])
+        sizes = [len(t["labels"]) for t in targets]
+        if max(sizes, default=0) == 0:
+            return [assign([logits.new_zeros(logits.shape[1], 0) for _ in targets]) for _ in layers]
+        labels, gt = self.ground_truth(targets, masks.shape[-2:], logits)
+        repeat = len(layers)
+        cost = self.costs(logits, masks, labels.repeat(repeat, 1), gt.repeat(repeat, 1, 1)).cpu()
+        batch = len(targets)
+        pairs = assign([cost[i, :, :sizes[i % batch]] for i in range(repeat * batch)])
+        return [pairs[i * batch:(i + 1) * batch] for i in range(repeat)]
