@@ -2,7 +2,7 @@
 path on but one, call by call in alternation (`bench_steps.alternate`), for the steps the project waits on.
 
     python -m benchmarks.fast_paths --threads 2 --reps 10            # all rows
-    python -m benchmarks.fast_paths --only tiny-train --reps 20
+    python -m benchmarks.fast_paths --only maskformer-train --variants off on --reps 20
 
 Rows: a training step (forward, 18 or 6 loss terms, backward, optimiser step) of each small preset at
 batch 16, 64x64, and of R50 at batch 2, 256x256; an R50 prediction (forward + semantic label map) at 512x512.
@@ -108,6 +108,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", nargs="+", choices=tuple(ROWS), default=tuple(ROWS))
+    parser.add_argument("--variants", nargs="+", help="time only these (e.g. off on); default: all")
     parser.add_argument("--out", type=Path, help="JSON file for the timings")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -116,7 +117,8 @@ def main() -> None:
         preset = ROWS[row]
         batch, size = (1, 512) if row == "r50-inference" else ((2, 256) if row == "r50-train" else (16, 64))
         fns = {name: (prediction(preset, paths, size) if row == "r50-inference"
-                      else train_step(preset, paths, batch, size)) for name, paths in _variants().items()}
+                      else train_step(preset, paths, batch, size))
+               for name, paths in _variants().items() if not args.variants or name in args.variants}
         timings = alternate(fns, args.reps, args.warmup, torch.device("cpu"))
         results[row] = {name: {k: t[k] for k in ("median_s", "min_s", "median_cpu_s")} for name, t in timings.items()}
         print(f"{row} (batch {batch}, {size}x{size}, {args.threads} threads, {args.reps} paired rounds): "
