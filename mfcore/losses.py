@@ -111,7 +111,8 @@ class SetCriterion(nn.Module):
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         for b, (src, tgt) in enumerate(indices):
             classes[b, src.to(logits.device)] = targets[b]["labels"].to(logits.device)[tgt.to(logits.device)]
-        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight=self.empty_weight.to(logits.dtype))}
+        weight = self.empty_weight.to(logits.dtype)
+        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight=weight)}
 
     def loss_masks(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float) -> dict[str, Tensor]:
         """Focal (per-pixel mean) and dice of matched pairs, each summed over masks / num_masks.
@@ -138,11 +139,11 @@ class SetCriterion(nn.Module):
         for b, (src, tgt) in enumerate(indices):
             if len(src) == 0:
                 continue
-            masks = targets[b]["masks"]
-            gt = masks[tgt.to(masks.device)].to(pred.device, torch.float32)      # [m, H, W]
             logits = loss_dtype(pred[b, src.to(pred.device)])                  # [m, h, w]
+            masks = targets[b]["masks"]
+            gt = masks[tgt.to(masks.device)].to(pred.device, logits.dtype)       # [m, H, W]
             logits = F.interpolate(logits[:, None], size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            focal_b, dice_b = focal_dice(logits.flatten(1), gt.flatten(1).to(logits.dtype))
+            focal_b, dice_b = focal_dice(logits.flatten(1), gt.flatten(1))
             focal.append(focal_b)
             dice.append(dice_b)
         return torch.cat(focal), torch.cat(dice)

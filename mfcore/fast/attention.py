@@ -65,7 +65,8 @@ class MultiheadAttention(nn.Module):
     def __init__(self, attn: nn.MultiheadAttention):
         super().__init__()
         if not attn.batch_first or not attn._qkv_same_embed_dim or attn.in_proj_bias is None:
-            raise TypeError(f"expected nn.MultiheadAttention(batch_first=True) with packed, biased projections, got {attn}")
+            raise TypeError(f"expected nn.MultiheadAttention(batch_first=True) with packed, biased projections, "
+                            f"got {attn}")
         self.nhead, self.dropout = attn.num_heads, attn.dropout
         self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
         self.train(attn.training)
