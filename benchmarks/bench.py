@@ -34,6 +34,7 @@ from benchmarks.bench_report import environment, print_table, write_results
 from benchmarks.bench_steps import (
     GPU_FPS_TARGET,
     GPU_TARGETS,
+    R50,
     SIZES,
     alternate,
     build_contender,
@@ -50,8 +51,10 @@ from benchmarks.bench_steps import (
     tiny_step,
     train_step,
 )
-from mfcore.companion.analysis import count_flops as count_macs
-from mfcore.losses import build_criterion, total_loss
+from mfcore import fast
+from mfcore.companion.analysis import count_macs
+from mfcore.losses import total_loss
+from mfcore.modeling.models import build_model
 from mfcore.training.runtime import resolve_device
 
 # dense datasheet peaks in TFLOP/s: (fp32 CUDA cores, tf32 tensor cores, bf16 tensor cores); first match wins
@@ -84,7 +87,7 @@ def loss_cross_check(model_hf: torch.nn.Module, size: int, device: torch.device)
               for _ in range(6)]
     outputs = dict(layers[-1], aux_outputs=layers[:-1])
     _, targets = make_batch(2, size, 150, 1, device)
-    criterion = build_criterion("hungarian", 150, 100, dec_layers=6).to(device)
+    criterion = fast.build_criterion("hungarian", 150, 100, dec_layers=6).to(device)
     ours = float(total_loss(criterion(outputs, targets), criterion.weight_dict))
     theirs = bench_hf.criterion_loss(model_hf, outputs, [t["masks"] for t in targets], [t["labels"] for t in targets])
     return {"mfcore": ours, "transformers": theirs, "relative_difference": abs(ours - theirs) / abs(theirs)}
@@ -139,7 +142,7 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         log(f"inference: R50 {size}x{size}, batch {batch}")
         images = make_batch(batch, size, 150, 0, device)[0]
         fns = {impl: inference(impl, models[impl], images) for impl in impls}
-        flops = 2 * batch * count_macs(eager["mfcore"], (size, size))  # the paper's count, 2 flops per multiply-add
+        flops = 2 * batch * count_macs(build_model(R50).to(device), (size, size))  # the paper's count, 2 per MAC
         checks["operators_per_forward"] = operators(eager, images)
         cases.append(case("inference", f"eval forward + semantic inference -> labels, R50, {size}x{size}, "
                           f"batch {batch}", alternate(fns, reps, warmup, device), flops=flops))
@@ -200,7 +203,7 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         log(f"inference {amp or 'fp32'}: R50 {size}x{size}, batch {batch}")
         images = make_batch(batch, size, 150, 0, device)[0]
         fns = {impl: inference(impl, models[impl], images, amp) for impl in impls}
-        flops = 2 * batch * count_macs(eager["mfcore"], (size, size))
+        flops = 2 * batch * count_macs(build_model(R50).to(device), (size, size))
         if batch == 1:
             checks["operators_per_forward"] = operators(eager, images)
         row = case(f"inference_{amp or 'fp32'}_b{batch}", f"inference img/s, {amp or 'fp32'}, R50, {size}x{size}, "

@@ -20,11 +20,12 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks import bench_hf
+from mfcore import fast
 from mfcore.companion.paper_numbers import TABLE1
 from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.files import REPO
-from mfcore.losses import build_criterion, total_loss
-from mfcore.matcher import HungarianMatcher
+from mfcore.inference import semantic_inference
+from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
 from mfcore.training.solver import build_optimizer, clip_gradients
@@ -79,7 +80,8 @@ def _autocast(device: torch.device, amp: str | None):
 def build_contender(impl: str, device: torch.device, seed: int = 0) -> torch.nn.Module:
     """The R50 model of one side: "mfcore" or "transformers" (same architecture, random weights)."""
     torch.manual_seed(seed)
-    model = build_model(R50) if impl == "mfcore" else bench_hf.build_model(num_classes=150, num_queries=100)
+    model = fast.accelerate(build_model(R50)) if impl == "mfcore" else bench_hf.build_model(num_classes=150,
+                                                                                           num_queries=100)
     return model.to(device)
 
 
@@ -89,7 +91,7 @@ def train_step(impl: str, model: torch.nn.Module, images: torch.Tensor, targets:
     device = images.device
     model.train()
     if impl == "mfcore":
-        criterion = build_criterion("hungarian", 150, 100, dec_layers=6).to(device)
+        criterion = fast.build_criterion("hungarian", 150, 100, dec_layers=6).to(device)
 
         def step() -> None:
             with _autocast(device, amp):       # as mfcore.train: autocast the model, fp32 loss
@@ -116,7 +118,11 @@ def inference(impl: str, model: torch.nn.Module, images: torch.Tensor, amp: str 
         def run() -> torch.Tensor:
             with torch.inference_mode(), _autocast(images.device, amp):
                 out = model(images)
-                return semantic_labels(out["pred_logits"], out["pred_masks"], size)
+                if fast.enabled():
+                    return semantic_labels(out["pred_logits"], out["pred_masks"], size)
+                masks = torch.nn.functional.interpolate(out["pred_masks"], size=size, mode="bilinear",
+                                                        align_corners=False)
+                return semantic_inference(out["pred_logits"], masks, inplace=True).argmax(-3)
         return run
     pixels, predict = normalized(images), bench_hf.semantic_predictor()
 
@@ -135,7 +141,7 @@ def matcher_inputs(size: int, device: torch.device, seed: int = 0) -> tuple[dict
 
 
 def matchers(outputs: dict, targets: list[dict], with_hf: bool) -> dict[str, Callable[[], list]]:
-    mf = HungarianMatcher(1.0, 20.0, 1.0)
+    mf = fast.build_criterion("hungarian", 150, 100).matcher
     fns = {"mfcore": lambda: mf(outputs, targets)}
     if with_hf:
         hf = bench_hf.build_matcher()
@@ -148,8 +154,8 @@ def tiny_step(size: int, batch: int, device: torch.device, seed: int = 0) -> Cal
     """One full optimiser step of the small CPU preset (what the notebooks wait for)."""
     preset = get_preset(TINY)
     torch.manual_seed(seed)
-    model = build_model(preset.model).to(device).train()
-    criterion = build_criterion(preset.loss.matcher, preset.model.num_classes, preset.model.num_queries,
+    model = fast.accelerate(build_model(preset.model).to(device).train())
+    criterion = fast.build_criterion(preset.loss.matcher, preset.model.num_classes, preset.model.num_queries,
                                 dec_layers=preset.model.dec_layers).to(device)
     optimizer = build_optimizer(model, preset.train)
     images, targets = make_batch(batch, size, preset.model.num_classes, seed, device)

@@ -45,9 +45,12 @@ def _parse_sets(items: list[str]) -> dict:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from mfcore import fast
     from mfcore.training.distributed import cleanup, is_main_process
     from mfcore.training.train import train
 
+    if args.no_fast:
+        fast.set_enabled(False)
     overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
     model_overrides = _parse_sets(args.set)
     try:
@@ -66,8 +69,11 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from mfcore import fast
     from mfcore.training.evaluate import evaluate
 
+    if args.no_fast:
+        fast.set_enabled(False)
     result = evaluate(args.checkpoint, args.data_root, tta=args.tta, split=args.split, output=args.output,
                       device=args.device, max_images=args.max_images, inference=args.inference)
     for task, metrics in result["metrics"].items():
@@ -121,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-at", type=int, help="save and stop after this iteration (resume later)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a ModelConfig field, e.g. --set num_queries=50 (repeatable)")
+    p.add_argument("--no-fast", action="store_true",
+                   help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="mIoU / PQ of a checkpoint; writes JSON next to it")
@@ -134,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, help="score only the first N images")
     p.add_argument("--inference", choices=("semantic", "general"), default="semantic",
                    help="general: Table VII's panoptic-style inference read out as a semantic map")
+    p.add_argument("--no-fast", action="store_true",
+                   help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("convert-checkpoint", help="import the authors' released detectron2 .pkl")

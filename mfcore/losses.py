@@ -14,14 +14,7 @@ from torch import Tensor, nn
 from torchvision.ops import generalized_box_iou_loss
 
 from mfcore.boxes import cxcywh_to_xyxy, target_boxes
-from mfcore.fast.mask_loss import (
-    DenseMaskTargets,
-    FocalDiceLoss,
-    focal_dice,
-    interpolation_matrix,
-    target_terms,
-    upsample_bilinear,
-)
+from mfcore.mask_loss import dice_loss, focal_dice, loss_dtype, sigmoid_focal_loss
 from mfcore.matcher import (
     BoxMatcher,
     FixedMatcher,
@@ -33,12 +26,6 @@ from mfcore.training.distributed import all_reduce_mean
 
 LOSS_TERMS = {"labels": {"loss_ce": 1.0}, "masks": {"loss_mask": 20.0, "loss_dice": 1.0},
               "boxes": {"loss_bbox": 5.0, "loss_giou": 2.0}}
-
-
-def dice_loss(logits: Tensor, targets: Tensor) -> Tensor:
-    """1 - (2 sum(sigmoid(x) t) + 1) / (sum sigmoid(x) + sum t + 1) per mask. logits, targets: [M, P] -> [M]."""
-    prob = logits.sigmoid()
-    return 1 - (2 * (prob * targets).sum(-1) + 1) / (prob.sum(-1) + targets.sum(-1) + 1)
 
 
 def point_sample(inputs: Tensor, coords: Tensor, mode: str = "bilinear") -> Tensor:
@@ -118,22 +105,21 @@ class SetCriterion(nn.Module):
 
     def loss_labels(self, outputs: dict, targets: list[dict], indices: Indices) -> dict[str, Tensor]:
         """CE over all B*N queries, weighted mean (weight 0.1 for "no object"); not divided by num_masks."""
-        logits = outputs["pred_logits"].float()                                  # [B, N, K+1]
+        logits = loss_dtype(outputs["pred_logits"])                              # [B, N, K+1]
         if logits.shape[-1] != self.num_classes + 1:
             raise ValueError(f"pred_logits: expected {self.num_classes + 1} classes (K+1), got {logits.shape[-1]}")
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
         for b, (src, tgt) in enumerate(indices):
             classes[b, src.to(logits.device)] = targets[b]["labels"].to(logits.device)[tgt.to(logits.device)]
-        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight=self.empty_weight)}
+        weight = self.empty_weight.to(logits.dtype)
+        return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight=weight)}
 
-    def loss_masks(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float,
-                   mask_targets: DenseMaskTargets | None = None) -> dict[str, Tensor]:
+    def loss_masks(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float) -> dict[str, Tensor]:
         """Focal (per-pixel mean) and dice of matched pairs, each summed over masks / num_masks.
 
         Dense (num_points=None, as the paper): logits upsampled to the ground truth's size. With
         num_points both losses are evaluated at num_points sampled points per mask instead, which
-        avoids the [m, H, W] upsampled logits and cuts memory. `mask_targets`: the batch's prepared
-        dense targets (built here if not given).
+        avoids the [m, H, W] upsampled logits and cuts memory.
         """
         pred = outputs["pred_masks"]                                             # [B, N, h, w]
         if sum(len(src) for src, _ in indices) == 0:
@@ -141,32 +127,25 @@ class SetCriterion(nn.Module):
             zero = pred.sum() * 0.0
             return {"loss_mask": zero, "loss_dice": zero}
         if self.num_points is None:
-            focal, dice = self._dense_focal_dice(pred, indices, mask_targets or DenseMaskTargets(targets, pred.device))
+            focal, dice = self.dense_focal_dice(pred, targets, indices)
         else:
             focal, dice = self._point_focal_dice(pred, targets, indices)
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
-    @staticmethod
-    def _dense_focal_dice(pred: Tensor, indices: Indices, mask_targets: DenseMaskTargets) -> tuple[Tensor, Tensor]:
-        """Matched pairs of all images at once (images whose ground truth has the same size share one
-        gather, one upsampling and one loss call). Pairs are taken in ground-truth order, so that a
-        matching that covers every segment uses the prepared targets as they are. -> (focal [M], dice [M])"""
+    def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
+        """(focal [M], dice [M]) of the matched pairs, the stride-4 logits pred [B, N, h, w] bilinearly
+        upsampled to their ground truth's size [H, W]; images in order, pairs in matching order."""
         focal, dice = [], []
-        for size, (images, offsets, rows, *terms) in mask_targets.groups.items():
-            order = [torch.argsort(indices[b][1]) for b in images]
-            batch_idx = torch.cat([torch.full_like(indices[b][0], b) for b in images]).to(pred.device)
-            src_idx = torch.cat([indices[b][0][o] for b, o in zip(images, order)]).to(pred.device)
-            if len(src_idx) == 0:
+        for b, (src, tgt) in enumerate(indices):
+            if len(src) == 0:
                 continue
-            row_idx = torch.cat([indices[b][1][o] + offsets[b] for b, o in zip(images, order)])
-            picked = [rows, *terms]
-            if len(row_idx) < len(rows):  # some segment unmatched (more segments than queries)
-                picked = [x[row_idx.to(x.device)] for x in picked]
-            # Upsample the stride-4 predictions to the ground truth's resolution.
-            logits = upsample_bilinear(pred[batch_idx, src_idx].float(), size).flatten(1)
-            focal_g, dice_g = FocalDiceLoss.apply(logits, *picked)
-            focal.append(focal_g)
-            dice.append(dice_g)
+            logits = loss_dtype(pred[b, src.to(pred.device)])                  # [m, h, w]
+            masks = targets[b]["masks"]
+            gt = masks[tgt.to(masks.device)].to(pred.device, logits.dtype)       # [m, H, W]
+            logits = F.interpolate(logits[:, None], size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+            focal_b, dice_b = focal_dice(logits.flatten(1), gt.flatten(1))
+            focal.append(focal_b)
+            dice.append(dice_b)
         return torch.cat(focal), torch.cat(dice)
 
     def _point_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
@@ -175,9 +154,9 @@ class SetCriterion(nn.Module):
         for b, (src, tgt) in enumerate(indices):
             if len(src) == 0:
                 continue
-            logits = pred[b, src.to(pred.device)].float()                        # [m, h, w]
+            logits = loss_dtype(pred[b, src.to(pred.device)])                  # [m, h, w]
             masks = targets[b]["masks"]
-            gt = masks[tgt.to(masks.device)].to(pred.device, torch.float32)      # [m, H, W]
+            gt = masks[tgt.to(masks.device)].to(pred.device, logits.dtype)       # [m, H, W]
             coords = sample_uncertain_points(logits[:, None], self.num_points, self.oversample_ratio,
                                              self.importance_sample_ratio)
             logits = point_sample(logits[:, None], coords)[:, 0]
@@ -192,24 +171,26 @@ class SetCriterion(nn.Module):
         if "pred_boxes" not in outputs:
             raise ValueError("SetCriterion 'boxes' loss: outputs has no 'pred_boxes'; add the box head")
         boxes = outputs["pred_boxes"]                                            # [B, N, 4]
-        src = torch.cat([boxes[b, i.to(boxes.device)] for b, (i, _) in enumerate(indices)]).float()
+        src = loss_dtype(torch.cat([boxes[b, i.to(boxes.device)] for b, (i, _) in enumerate(indices)]))
         gt = torch.cat([target_boxes(t).to(boxes.device)[j.to(boxes.device)]
-                        for t, (_, j) in zip(targets, indices)])
+                        for t, (_, j) in zip(targets, indices)]).to(src.dtype)
         if len(src) == 0:
             zero = boxes.sum() * 0.0
             return {"loss_bbox": zero, "loss_giou": zero}
         giou = generalized_box_iou_loss(cxcywh_to_xyxy(src), cxcywh_to_xyxy(gt), reduction="sum")
         return {"loss_bbox": F.l1_loss(src, gt, reduction="sum") / num_masks, "loss_giou": giou / num_masks}
 
-    def layer_losses(self, outputs: dict, targets: list[dict], num_masks: float,
-                     mask_targets: DenseMaskTargets | None = None) -> dict[str, Tensor]:
-        """All terms for one decoder layer's outputs, with that layer's own matching."""
-        indices = self.matcher(outputs, targets)
+    def match(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
+        """Each decoder layer's own matching (deep supervision matches every layer anew)."""
+        return [self.matcher(layer, targets) for layer in layers]
+
+    def layer_losses(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float) -> dict[str, Tensor]:
+        """All terms for one decoder layer's outputs, given that layer's matching."""
         losses = {}
         if "labels" in self.losses:
             losses.update(self.loss_labels(outputs, targets, indices))
         if "masks" in self.losses:
-            losses.update(self.loss_masks(outputs, targets, indices, num_masks, mask_targets))
+            losses.update(self.loss_masks(outputs, targets, indices, num_masks))
         if "boxes" in self.losses:
             losses.update(self.loss_boxes(outputs, targets, indices, num_masks))
         return losses
@@ -217,12 +198,11 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         check_targets(targets, outputs["pred_logits"].shape[0])
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
-        # the dense mask targets are the same for every decoder layer: prepare them once
-        mask_targets = (DenseMaskTargets(targets, outputs["pred_masks"].device)
-                        if "masks" in self.losses and self.num_points is None else None)
-        losses = self.layer_losses(outputs, targets, num_masks, mask_targets)
-        for i, aux in enumerate(_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
-            losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_masks, mask_targets).items()})
+        layers = [outputs, *_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)]
+        losses = {}
+        for i, (layer, indices) in enumerate(zip(layers, self.match(layers, targets))):
+            suffix = f"_{i - 1}" if i else ""  # the last layer's terms unsuffixed, then aux layers 0..L-2
+            losses.update({k + suffix: v for k, v in self.layer_losses(layer, targets, indices, num_masks).items()})
         return losses
 
 
@@ -254,13 +234,13 @@ class PerPixelCriterion(nn.Module):
             raise ValueError(f"sem_seg_logits: expected {self.num_classes} classes, got {logits.shape[1]}")
         total, count = logits.new_zeros(()), 0
         for b, target in enumerate(sem):  # images may differ in size, so upsample each to its own map
-            up = F.interpolate(logits[b:b + 1].float(), size=target.shape, mode="bilinear", align_corners=False)
+            up = F.interpolate(loss_dtype(logits[b:b + 1]), size=target.shape, mode="bilinear", align_corners=False)
             total = total + F.cross_entropy(up, target[None], ignore_index=self.ignore_index, reduction="sum")
             count += int((target != self.ignore_index).sum())
         return total / max(count, 1)
 
-    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
-        logits = outputs["sem_seg_logits"]
+    def semantic_targets(self, logits: Tensor, targets: list[dict]) -> list[Tensor]:
+        """The B label maps [H, W] of `targets` on the logits' device, every label checked."""
         if len(targets) != logits.shape[0]:
             raise ValueError(f"targets: expected {logits.shape[0]} dicts (one per image), got {len(targets)}")
         sem = [semantic_target(t, self.ignore_index).to(logits.device) for t in targets]
@@ -269,6 +249,11 @@ class PerPixelCriterion(nn.Module):
             if bad.any():
                 raise ValueError(f"targets[{b}]: labels {s[bad].unique().tolist()} outside [0, "
                                  f"{self.num_classes}) and not ignore_index={self.ignore_index}")
+        return sem
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        logits = outputs["sem_seg_logits"]
+        sem = self.semantic_targets(logits, targets)
         losses = {"loss_ce": self.cross_entropy(logits, sem)}
         for i, aux in enumerate(_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
             losses[f"loss_ce_{i}"] = self.cross_entropy(aux["sem_seg_logits"], sem)
@@ -307,8 +292,6 @@ def build_criterion(kind: str, num_classes: int, num_queries: int, *, cost_class
                         deep_supervision=deep_supervision, num_aux_layers=aux)
 
 
-__all__ = ["SetCriterion", "PerPixelCriterion", "build_criterion", "total_loss", "dice_loss", "point_sample",
-           "sample_uncertain_points", "semantic_target", "average_num_masks",
-           # the fused mask losses live in mfcore.mask_loss; re-exported here
-           "FocalDiceLoss", "focal_dice", "target_terms", "DenseMaskTargets", "upsample_bilinear",
-           "interpolation_matrix"]
+__all__ = ["SetCriterion", "PerPixelCriterion", "build_criterion", "total_loss", "sigmoid_focal_loss", "dice_loss",
+           "focal_dice", "loss_dtype", "point_sample", "sample_uncertain_points", "semantic_target",
+           "average_num_masks"]

@@ -1,4 +1,4 @@
-"""mfcore.fast.attention: the same attention as nn.MultiheadAttention, and a dropout with PyTorch's statistics."""
+"""mfcore.fast.attention: the same attention as nn.MultiheadAttention (its parameters taken over), and a dropout with PyTorch's statistics."""
 import pytest
 import torch
 from torch import nn
@@ -6,32 +6,33 @@ from torch import nn
 from mfcore.fast.attention import Dropout, MultiheadAttention, dropout
 
 
-def test_attention_matches_torch_parameters_and_outputs():
+def test_attention_takes_over_torch_parameters_and_outputs():
     torch.manual_seed(0)
     ref = nn.MultiheadAttention(32, 4, dropout=0.1, batch_first=True)
-    torch.manual_seed(0)
-    ours = MultiheadAttention(32, 4, dropout=0.1)
-    ref_state, our_state = ref.state_dict(), ours.state_dict()
-    assert list(our_state) == list(ref_state)  # checkpoints load either way
-    for name in ref_state:
-        assert torch.equal(our_state[name], ref_state[name]), name  # same initialisation from the same seed
+    ours = MultiheadAttention(ref)
+    assert list(ours.state_dict()) == list(ref.state_dict())  # checkpoints load either way
+    assert all(a is b for a, b in zip(ours.parameters(), ref.parameters(), strict=True))  # the same tensors
     query, memory = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
     ref.eval(), ours.eval()
-    torch.testing.assert_close(ours(query, memory, memory), ref(query, memory, memory, need_weights=False)[0])
+    out, weights = ours(query, memory, memory)
+    assert weights is None
+    torch.testing.assert_close(out, ref(query, memory, memory, need_weights=False)[0])
     ref.train(), ours.train()
     # the explicit training path, softmax(QK^T / sqrt(d_h)) V, with a p so small that no weight is dropped
     ref.dropout, ours.dropout = 0.0, 1e-12
-    torch.testing.assert_close(ours(query, memory, memory), ref(query, memory, memory, need_weights=False)[0])
+    torch.testing.assert_close(ours(query, memory, memory)[0], ref(query, memory, memory, need_weights=False)[0])
+    with pytest.raises(ValueError, match="need_weights"):
+        ours(query, memory, memory, need_weights=True)
 
 
 def test_attention_dropout_acts_on_the_weights_in_training_only():
     torch.manual_seed(0)
-    attn = MultiheadAttention(16, 2, dropout=0.5)
+    attn = MultiheadAttention(nn.MultiheadAttention(16, 2, dropout=0.5, batch_first=True))
     query = torch.randn(1, 4, 16)
     attn.eval()
-    assert torch.equal(attn(query, query, query), attn(query, query, query))
+    assert torch.equal(attn(query, query, query)[0], attn(query, query, query)[0])
     attn.train()
-    assert not torch.equal(attn(query, query, query), attn(query, query, query))
+    assert not torch.equal(attn(query, query, query)[0], attn(query, query, query)[0])
 
 
 def test_dropout_keeps_one_minus_p_and_scales():

@@ -1,4 +1,4 @@
-"""Tests of mfcore.frozen_bn: the folded conv equals conv then frozen BN, and its cache refolds on change."""
+"""Tests of mfcore.fast.frozen_bn: the folded conv equals conv then frozen BN, and its cache refolds on change."""
 import copy
 
 import pytest
@@ -7,8 +7,15 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.ops import FrozenBatchNorm2d
 
-from mfcore.fast.frozen_bn import FoldedFrozenBN, FrozenBNConv
-from mfcore.modeling.backbones import _resnet
+from mfcore.fast.frozen_bn import FoldedFrozenBN, FrozenBNConv, fold_frozen_bn
+from mfcore.modeling.backbones import _resnet, conv_bn_pairs
+
+
+def folded_resnet(*args, **kwargs) -> nn.Module:
+    """`_resnet` with every frozen BN folded into its conv (as `mfcore.fast.accelerate` does)."""
+    net = _resnet(*args, **kwargs)
+    fold_frozen_bn(conv_bn_pairs(net))
+    return net
 
 
 def unfolded(backbone: nn.Module) -> nn.Module:
@@ -45,7 +52,7 @@ def assert_same_features(net: nn.Module, reference: nn.Module, x: torch.Tensor) 
 @pytest.mark.parametrize("bottleneck, deep_stem", [(True, True), (False, False)])
 def test_folded_frozen_bn_matches_conv_then_bn(bottleneck, deep_stem, one_thread):
     torch.manual_seed(0)
-    folded = _resnet((1, 1, 1, 1), bottleneck=bottleneck, frozen_bn=True, deep_stem=deep_stem, drop_path=0.0)
+    folded = folded_resnet((1, 1, 1, 1), bottleneck=bottleneck, frozen_bn=True, deep_stem=deep_stem, drop_path=0.0)
     frozen = [m for m in folded.modules() if isinstance(m, FrozenBatchNorm2d)]
     assert all(isinstance(m, FoldedFrozenBN) for m in frozen)  # every BN, stem and shortcuts included
     assert sum(isinstance(m, FrozenBNConv) for m in folded.modules()) == len(frozen)
@@ -75,7 +82,7 @@ class CountOps(TorchDispatchMode):
 
 def test_fold_is_cached_and_refolded_when_a_source_changes(one_thread):
     torch.manual_seed(0)
-    net = _resnet((1, 1, 1, 1), bottleneck=False, frozen_bn=True, deep_stem=False, drop_path=0.0)
+    net = folded_resnet((1, 1, 1, 1), bottleneck=False, frozen_bn=True, deep_stem=False, drop_path=0.0)
     net.load_state_dict(randomized_bn(net, seed=1))
     x = torch.randn(1, 3, 32, 32)
     convs = [m for m in net.modules() if isinstance(m, FrozenBNConv)]
@@ -103,7 +110,7 @@ def test_fold_is_cached_and_refolded_when_a_source_changes(one_thread):
 
 
 def test_cached_fold_serves_a_frozen_stage_in_a_training_forward(one_thread):
-    net = _resnet((1, 1, 1, 1), bottleneck=False, frozen_bn=True, deep_stem=False, drop_path=0.0)
+    net = folded_resnet((1, 1, 1, 1), bottleneck=False, frozen_bn=True, deep_stem=False, drop_path=0.0)
     x = torch.randn(1, 3, 32, 32)
     with torch.inference_mode():
         net(x)
@@ -116,6 +123,6 @@ def test_cached_fold_serves_a_frozen_stage_in_a_training_forward(one_thread):
 
 def test_model_built_under_inference_mode_runs(one_thread):
     with torch.inference_mode():
-        net = _resnet((1, 1, 1, 1), bottleneck=False, frozen_bn=True, deep_stem=False, drop_path=0.0)
+        net = folded_resnet((1, 1, 1, 1), bottleneck=False, frozen_bn=True, deep_stem=False, drop_path=0.0)
         out = net(torch.randn(1, 3, 32, 32))
     assert out["res5"].shape == (1, 512, 1, 1)

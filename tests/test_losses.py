@@ -252,27 +252,3 @@ def test_per_pixel_aux_and_all_ignored():
     assert losses["loss_ce"].item() == 0
     total_loss(losses, crit.weight_dict).backward()
     assert logits.grad is not None
-
-
-def test_training_after_a_prediction_at_the_same_sizes(one_thread):
-    """The loss's cached resize matrices may first be built by a prediction under inference_mode; a
-    training step that reuses them must still backpropagate (an inference tensor cannot be saved)."""
-    from mfcore.fast.mask_loss import interpolation_matrix
-    from mfcore.fast.semantic_labels import semantic_labels
-    from mfcore.matcher import _nearest_index
-    interpolation_matrix.cache_clear()
-    _nearest_index.cache_clear()
-    torch.manual_seed(0)
-    logits, masks = torch.randn(1, 4, 6), torch.randn(1, 4, 8, 8)
-    with torch.inference_mode():
-        semantic_labels(logits, masks, (24, 24))          # builds interpolation_matrix(8, 24)
-        _nearest_index(24, 10, torch.device("cpu"))
-    criterion = build_criterion("hungarian", 5, 4, dec_layers=1)
-    pred_masks = torch.randn(1, 4, 8, 8, requires_grad=True)
-    target = {"labels": torch.tensor([1, 3]), "masks": torch.zeros(2, 24, 24, dtype=torch.bool)}
-    target["masks"][0, :12], target["masks"][1, 12:] = True, True
-    outputs = {"pred_logits": logits.clone().requires_grad_(), "pred_masks": pred_masks}
-    total_loss(criterion(outputs, [target]), criterion.weight_dict).backward()
-    assert pred_masks.grad is not None and pred_masks.grad.abs().sum() > 0
-    assert not interpolation_matrix(8, 24, torch.device("cpu")).is_inference()
-    assert not _nearest_index(24, 10, torch.device("cpu")).is_inference()

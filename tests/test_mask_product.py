@@ -1,11 +1,13 @@
-"""mask_product.mask_logits: every order (folded conv, sparse-gradient training product, conv then product)
-gives embed . conv(y) and its gradients."""
+"""mfcore.fast.mask_product: every order (folded conv, sparse-gradient training product, conv then product)
+gives the core's embed . conv(y) and its gradients, in float64."""
+import copy
+
 import pytest
 import torch
 
 from mfcore.fast import mask_product
-from mfcore.fast.mask_product import mask_logits
-from mfcore.modeling.models import build_model
+from mfcore.fast.mask_product import FoldedMaskProduct, mask_logits
+from mfcore.modeling.models import MaskProduct, build_model
 
 
 def _case(rows, bias, seed=0):
@@ -25,9 +27,11 @@ def test_folded_mask_product_equals_conv_then_product(rows, bias):
         expected = torch.einsum("brc,bchw->brhw", embed, conv(y))
         calls = []
         conv.register_forward_hook(lambda *args: calls.append(1))
-        for fold in (True, False):
-            torch.testing.assert_close(mask_logits(embed, y, conv, fold=fold), expected)
-    assert len(calls) == (1 if rows < 18 else 2)  # the folded path calls no conv module
+        torch.testing.assert_close(mask_logits(embed, y, conv), expected)
+        # as the model's [L, B, N, C_E]: two layers of rows / 2 queries, or one layer
+        layers = embed.view(2, 2, rows // 2, 16).transpose(0, 1) if rows % 2 == 0 else embed[None]
+        torch.testing.assert_close(FoldedMaskProduct()(layers, y, conv), MaskProduct()(layers, y, conv))
+    assert len(calls) == (1 if rows < 18 else 3)  # the folded path calls no conv module
 
 
 def _uses_sparse_backward(masks):
@@ -76,33 +80,29 @@ def test_sparse_gradient_backward_with_an_image_without_loss(sparse_for_small_co
 def test_small_models_train_with_the_usual_backward():
     """Below SPARSE_BACKWARD_MIN_MACS (the tiny preset's mask conv: 9.4M per image) no custom backward."""
     model = build_model("synthetic-maskformer-tiny").train()
+    model.predictor.mask_product = FoldedMaskProduct()
     out = model(torch.rand(2, 3, 64, 64) * 255)
     assert not _uses_sparse_backward(out["pred_masks"])
 
 
 def test_r50_orders_agree_at_inference_and_in_training():
     """R50 at inference (100 rows) folds; in training (600 rows) conv then product with the sparse backward.
-    Masks, and the gradients of a loss on a few masks, equal those of conv then product (fold=False);
+    Masks, and the gradients of a loss on a few masks, equal those of the core's conv then product;
     in float64, so that float32 rounding cannot hide a wrong term. (Its mask conv at 16x16: 151M
-    multiply-adds per image, above SPARSE_BACKWARD_MIN_MACS.)"""
+    multiply-adds per image, above SPARSE_BACKWARD_MIN_MACS.) Dropout off: the two sides draw differently."""
     torch.manual_seed(0)
-    model = build_model("ade20k-maskformer-r50", num_classes=8).double()
+    plain = build_model("ade20k-maskformer-r50", num_classes=8, dropout=0.0).double()
+    folded = copy.deepcopy(plain)
+    folded.predictor.mask_product = FoldedMaskProduct()
     images = torch.rand(1, 3, 64, 64, dtype=torch.float64) * 255
     with torch.no_grad():
-        model.eval()
-        folded = model(images)["pred_masks"]
-        model.predictor.fold_mask_conv = False
-        unfolded = model(images)["pred_masks"]
-    torch.testing.assert_close(folded, unfolded)
-    model.train()
-    params = [model.pixel_decoder.mask_features.weight, model.pixel_decoder.mask_features.bias,
-              model.predictor.mask_embed.layers[0].weight, model.pixel_decoder.layer_1[0].weight]
+        torch.testing.assert_close(folded.eval()(images)["pred_masks"], plain.eval()(images)["pred_masks"])
     grads = []
-    for fold in (True, False):
-        model.predictor.fold_mask_conv = fold
-        torch.manual_seed(1)  # the same dropout masks
+    for model in (folded.train(), plain.train()):
+        params = [model.pixel_decoder.mask_features.weight, model.pixel_decoder.mask_features.bias,
+                  model.predictor.mask_embed.layers[0].weight, model.pixel_decoder.layer_1[0].weight]
         out = model(images)
-        assert _uses_sparse_backward(out["pred_masks"]) == fold
+        assert _uses_sparse_backward(out["pred_masks"]) == (model is folded)
         loss = out["pred_masks"][0, [3, 50]].sigmoid().sum() + out["aux_outputs"][2]["pred_masks"][0, 7].sum()
         grads.append(torch.autograd.grad(loss, params))
     for got, want in zip(*grads):

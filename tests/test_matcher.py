@@ -6,13 +6,7 @@ import pytest
 import torch
 
 from mfcore.boxes import masks_to_cxcywh, pairwise_giou, target_boxes
-from mfcore.matcher import (
-    BoxMatcher,
-    FixedMatcher,
-    HungarianMatcher,
-    downsample_nearest,
-    mask_costs,
-)
+from mfcore.matcher import BoxMatcher, FixedMatcher, HungarianMatcher
 
 
 def make_case(sizes, num_queries=4, num_classes=3, size=8, stride=4, seed=0):
@@ -51,24 +45,6 @@ def test_cost_matrix_equals_per_pair_loop():
                 ref = reference_cost(outputs["pred_logits"][b, i], outputs["pred_masks"][b, i],
                                      t["labels"][j], gt_small)
                 assert cost[i, j].item() == pytest.approx(ref, rel=1e-5, abs=1e-5)
-
-
-@pytest.mark.parametrize("alpha,gamma", [(0.5, 1.5), (1.0, 0.0)])
-def test_mask_costs_other_alpha_gamma_and_large_logits(alpha, gamma):
-    """Without scratch buffers, other focal parameters, logits large enough that 1 - sigmoid(x) rounds to 0."""
-    gen = torch.Generator().manual_seed(4)
-    logits = 30 * torch.randn(2, 3, 20, generator=gen, dtype=torch.float64)
-    targets = (torch.rand(2, 4, 20, generator=gen) > 0.5).double()
-    focal, dice = mask_costs(logits, targets, alpha, gamma)
-    p, t = logits.sigmoid()[:, :, None], targets[:, None]
-    per_pixel = (alpha * t * (1 - p) ** gamma * torch.nn.functional.softplus(-logits)[:, :, None]
-                 + (1 - alpha) * (1 - t) * p ** gamma * torch.nn.functional.softplus(logits)[:, :, None])
-    torch.testing.assert_close(focal, per_pixel.mean(-1))
-    torch.testing.assert_close(dice, 1 - (2 * (p * t).sum(-1) + 1) / (p.sum(-1) + t.sum(-1) + 1))
-    batched = mask_costs(logits, targets, alpha, gamma, per_image=False)  # the GPU default
-    torch.testing.assert_close(batched, (focal, dice))
-    with pytest.raises(ValueError, match="alpha=0"):
-        mask_costs(logits, targets, alpha=0.0)
 
 
 def brute_force(cost):
@@ -176,12 +152,3 @@ def test_box_matcher_recovers_permutation():
     with pytest.raises(ValueError, match="pred_boxes"):
         BoxMatcher()({"pred_logits": outputs["pred_logits"]}, targets)
 
-
-@pytest.mark.parametrize("src, dst", [((256, 256), (64, 64)), ((96, 64), (32, 64)), ((100, 75), (64, 32)),
-                                      ((30, 30), (64, 64))])
-def test_downsample_nearest_equals_interpolate(src, dst):
-    """Strided view for exact integer ratios, index picking otherwise: both are F.interpolate's nearest."""
-    masks = torch.rand(3, *src) > 0.5
-    expected = torch.nn.functional.interpolate(masks[None].float(), size=dst, mode="nearest")[0]
-    got = downsample_nearest(masks, dst)
-    assert got.dtype == torch.float32 and torch.equal(got, expected)

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mfcore import fast
 from mfcore.fast.mask_loss import interpolation_matrix
 from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.inference import postprocess_masks, semantic_inference
@@ -78,9 +79,12 @@ def test_bad_shapes_and_sizes_are_named():
         semantic_labels(torch.zeros(1, 3, 5), torch.zeros(1, 3, 2, 2), (8, 8), (9, 8))
 
 
-def test_evaluation_labels_equal_the_argmax_over_full_resolution_masks(one_thread):
-    """evaluate.mask_labels (what evaluation scores semantic datasets with) against the full-resolution path
-    (mask_predictions + semantic_inference, which panoptic datasets use): padding and a resize included."""
+@pytest.mark.parametrize("on", [True, False])
+def test_evaluation_labels_equal_the_argmax_over_full_resolution_masks(on, one_thread, monkeypatch):
+    """evaluate.mask_labels (what evaluation scores semantic datasets with; tiled while the speed paths
+    are on) against the full-resolution path (mask_predictions + semantic_inference, which panoptic
+    datasets use): padding and a resize included."""
+    monkeypatch.setattr(fast, "_enabled", on)
     torch.manual_seed(0)
     model = build_model("synthetic-maskformer-tiny").eval()
     image = torch.rand(3, 45, 61) * 255  # padded to 64x64

@@ -87,10 +87,10 @@ def test_shape_table_of_the_small_maskformer():
 
 @pytest.mark.parametrize("preset", ["synthetic-maskformer-tiny", "synthetic-perpixel-tiny"])
 def test_shape_table_shows_mask_features_once_in_eval_mode_too(preset):
-    model = build_model(preset).eval()  # MaskFormer folds E_pixel's conv into the mask product here
+    model = build_model(preset).eval()
     table = teaching.shape_table(model, torch.zeros(1, 3, 64, 64))
     outputs = table["output"].tolist()
-    assert outputs.count("mask_features") == 1 and outputs.index("mask_features") == outputs.index("memory") + 1
+    assert outputs.count("mask_features") == 1 and outputs.index("mask_features") > outputs.index("memory")
     assert dict(zip(table["output"], table["shape"]))["mask_features"] == [1, 64, 16, 16]
 
 

@@ -45,24 +45,19 @@ def semantic_forward(model: SegmentationModel, images: torch.Tensor) -> torch.Te
 
 
 def count_macs(model: SegmentationModel, size: tuple[int, int]) -> int:
-    """Multiply-adds of one eval-mode forward + semantic inference on a zero image of `size` (H, W)."""
+    """Multiply-adds of one eval-mode forward + semantic inference on a zero image of `size` (H, W), of a
+    model as `build_model` makes it: the paper's order, E_pixel, then the mask product (a model given to
+    `mfcore.fast.accelerate` may fold the two, which counts fewer)."""
     was_training = model.training
     flags = [p.requires_grad for p in model.parameters()]
     model.eval()
     # FlopCounterMode's module tracker fails under no_grad on some graphs; frozen parameters give the
     # same no-autograd forward without it.
     model.requires_grad_(False)
-    # the paper counts E_pixel and then the mask product, not mfcore's cheaper folded order
-    predictor = getattr(model, "predictor", None)
-    fold = getattr(predictor, "fold_mask_conv", None)
-    if fold is not None:
-        predictor.fold_mask_conv = False
     try:
         with FlopCounterMode(display=False) as counter:
             semantic_forward(model, torch.zeros(1, 3, *size, device=model.pixel_mean.device))
     finally:
-        if fold is not None:
-            predictor.fold_mask_conv = fold
         model.train(was_training)
         for p, flag in zip(model.parameters(), flags):
             p.requires_grad_(flag)
@@ -85,8 +80,3 @@ def analyze(preset: str, size: tuple[int, int] | None = None, flops: bool = True
     if flops:
         result["flops"] = count_macs(model, size)
     return result
-
-
-# The former name, kept only until benchmarks/bench.py imports `count_macs` (its own `count_flops` in
-# bench_steps.py counts 2 flops per multiply-add); remove then.
-count_flops = count_macs

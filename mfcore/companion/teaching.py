@@ -255,7 +255,6 @@ def shape_table(model: nn.Module, images: Tensor) -> pd.DataFrame:
     stride relative to the image for 4-D maps, and the stage's parameters. Works on the meta device."""
     modules = dict(model.named_modules())
     rows: list[dict] = []
-    fpn_out: list[Tensor] = []
 
     def record(module, inputs, output, name, names) -> None:
         params = sum(p.numel() for p in module.parameters())
@@ -266,21 +265,9 @@ def shape_table(model: nn.Module, images: Tensor) -> pd.DataFrame:
 
     hooks = [modules[name].register_forward_hook(functools.partial(record, name=name, names=names))
              for name, names in STAGES.items() if name in modules]
-    if "pixel_decoder" in modules:
-        hooks.append(modules["pixel_decoder"].register_forward_hook(lambda m, i, out: fpn_out.append(out[0])))
     try:
         with torch.no_grad():
             model(images)
-            conv = modules.get("pixel_decoder.mask_features")
-            if conv is not None and fpn_out and "mask_features" not in [r["output"] for r in rows]:
-                # MaskFormer skips this conv whenever folding it into the mask product is cheaper
-                # (mask_product.mask_logits): run it here, so that E_pixel gets its row after the decoder's
-                end = [r["module"] for r in rows].index("pixel_decoder") + 1
-                while end < len(rows) and rows[end]["module"] == "":
-                    end += 1
-                later, rows[end:] = rows[end:], []
-                conv(fpn_out[0])
-                rows += later
     finally:
         for h in hooks:
             h.remove()

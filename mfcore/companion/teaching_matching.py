@@ -19,11 +19,10 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
-from torchvision.ops import sigmoid_focal_loss
 
 from mfcore.companion.teaching import _targets_from_map
 from mfcore.companion.viz import bare_axes
-from mfcore.losses import dice_loss
+from mfcore.mask_loss import dice_loss, sigmoid_focal_loss
 from mfcore.matcher import HungarianMatcher, assign
 
 
@@ -90,7 +89,7 @@ def plot_cost_terms(terms: dict[str, Tensor], col_names: Sequence[str] | None = 
 
 def plot_focal_vs_bce(alpha: float = 0.25, gammas: Sequence[float] = (0.0, 1.0, 2.0, 5.0)) -> Figure:
     """Left: loss of one pixel against p_t, the probability given to its true label (target 1), for BCE
-    and focal FL = -alpha (1 - p_t)^gamma log p_t (torchvision's sigmoid_focal_loss, as the criterion).
+    and focal FL = -alpha (1 - p_t)^gamma log p_t (`mfcore.mask_loss.sigmoid_focal_loss`, as the criterion).
     Right: FL / BCE = alpha_t (1 - p_t)^gamma for targets 1 (alpha) and 0 (1 - alpha), log scale."""
     p_t = torch.linspace(0.01, 0.99, 199, dtype=torch.float64)
     logits = torch.logit(p_t)
@@ -101,10 +100,10 @@ def plot_focal_vs_bce(alpha: float = 0.25, gammas: Sequence[float] = (0.0, 1.0, 
     x = p_t.numpy()
     left.plot(x, bce.numpy(), "k--", label="BCE")
     for gamma in gammas:
-        focal = sigmoid_focal_loss(logits, ones, alpha=alpha, gamma=gamma, reduction="none")
+        focal = sigmoid_focal_loss(logits, ones, alpha=alpha, gamma=gamma)
         left.plot(x, focal.numpy(), label=f"focal, gamma={gamma:g}")
         # a negative pixel with p_t = 1 - sigmoid(x): the same curve seen from the other label
-        negative = sigmoid_focal_loss(-logits, zeros, alpha=alpha, gamma=gamma, reduction="none")
+        negative = sigmoid_focal_loss(-logits, zeros, alpha=alpha, gamma=gamma)
         line, = right.semilogy(x, (focal / bce).numpy(), label=f"target 1, gamma={gamma:g}")
         right.semilogy(x, (negative / bce).numpy(), ":", color=line.get_color(), label=f"target 0, gamma={gamma:g}")
     left.set(xlabel="p_t (probability of the true label)", ylabel="loss", title=f"alpha={alpha:g}", ylim=(0, 2.5))
@@ -139,7 +138,7 @@ def dice_table(cases: dict[str, tuple[Tensor, Tensor]]) -> pd.DataFrame:
     rows = []
     for name, (logits, target) in cases.items():
         x, t = logits.flatten()[None], target.flatten()[None]
-        focal = sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0, reduction="mean")
+        focal = sigmoid_focal_loss(x, t, alpha=0.25, gamma=2.0).mean()
         rows.append({"case": name, "object pixels": int(t.sum()), "dice": float(dice_loss(x, t)[0]),
                      "BCE (mean)": float(F.binary_cross_entropy_with_logits(x, t)), "focal (mean)": float(focal),
                      "20 x focal": 20 * float(focal)})

@@ -10,8 +10,9 @@ comparison (2^-24). Forward and backward of `F.dropout` on [2, 100, 2048] take ~
 this way. On GPUs `F.dropout` (a fused Philox kernel) is used as it is.
 
 `MultiheadAttention` is `nn.MultiheadAttention(batch_first=True)` for the way DETR uses it (no masks, no
-returned weights): same parameters, names and initialisation, so state dicts and checkpoints are
-unchanged; it exists so that the attention weights' dropout is this module's too.
+returned weights): `from_torch` takes over the parameters of the core's module (same objects and names, so
+state dicts, checkpoints and an optimiser built before or after are unchanged); it exists so that the
+attention weights' dropout is this module's too.
 """
 from __future__ import annotations
 
@@ -56,28 +57,27 @@ class Dropout(nn.Module):
 class MultiheadAttention(nn.Module):
     """softmax(Q K^T / sqrt(d_h)) V per head, with dropout on the attention weights in training.
 
-    query: [B, L, d], key: [B, S, d], value: [B, S, d] -> [B, L, d]. Q, K, V = x W_{q,k,v}^T + b from one
-    packed `in_proj_weight` [3d, d], the heads concatenated and projected by `out_proj`.
+    query: [B, L, d], key: [B, S, d], value: [B, S, d] -> ([B, L, d], None), nn.MultiheadAttention's call
+    with need_weights=False. Q, K, V = x W_{q,k,v}^T + b from one packed `in_proj_weight` [3d, d], the heads
+    concatenated and projected by `out_proj`.
     """
 
-    def __init__(self, d_model: int, nhead: int, dropout: float = 0.0):
+    def __init__(self, attn: nn.MultiheadAttention):
         super().__init__()
-        if d_model % nhead:
-            raise ValueError(f"d_model={d_model} is not divisible by nhead={nhead}")
-        self.nhead, self.dropout = nhead, dropout
-        # created and initialised in nn.MultiheadAttention's order, so a seeded model draws the same numbers
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * d_model, d_model))
-        self.in_proj_bias = nn.Parameter(torch.empty(3 * d_model))
-        self.out_proj = nn.Linear(d_model, d_model)
-        nn.init.xavier_uniform_(self.in_proj_weight)
-        nn.init.zeros_(self.in_proj_bias)
-        nn.init.zeros_(self.out_proj.bias)
+        if not attn.batch_first or not attn._qkv_same_embed_dim or attn.in_proj_bias is None:
+            raise TypeError(f"expected nn.MultiheadAttention(batch_first=True) with packed, biased projections, "
+                            f"got {attn}")
+        self.nhead, self.dropout = attn.num_heads, attn.dropout
+        self.in_proj_weight, self.in_proj_bias, self.out_proj = attn.in_proj_weight, attn.in_proj_bias, attn.out_proj
+        self.train(attn.training)
 
     def _heads(self, x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
         """[B, T, d] -> projected and split into heads [B, h, T, d_h]."""
         return F.linear(x, weight, bias).unflatten(-1, (self.nhead, -1)).transpose(1, 2)
 
-    def forward(self, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, need_weights: bool = False) -> tuple[Tensor, None]:
+        if need_weights:
+            raise ValueError("this attention does not return its weights (need_weights=False)")
         w, b = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
         q, k, v = self._heads(query, w[0], b[0]), self._heads(key, w[1], b[1]), self._heads(value, w[2], b[2])
         if self.training and self.dropout > 0:
@@ -85,4 +85,4 @@ class MultiheadAttention(nn.Module):
             out = dropout(weights, self.dropout) @ v
         else:  # PyTorch's fused kernels
             out = F.scaled_dot_product_attention(q, k, v)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        return self.out_proj(out.transpose(1, 2).flatten(2)), None

@@ -3,8 +3,9 @@ ground-truth masks prepared once for all decoder layers, and bilinear upsampling
 
 `mfcore.losses.SetCriterion` computes, per decoder layer, over the matched (prediction, segment) pairs:
     L_mask = 20 * focal(m, t) + 1 * dice(m, t),  the logits m bilinearly upsampled to the ground truth's size;
-these pieces give the same numbers as torchvision's `sigmoid_focal_loss` + the textbook dice loss (to float
-rounding), with fewer passes over the [M, H*W] upsampled logits and fewer intermediates kept for backward.
+`FusedSetCriterion` gives the same numbers (to float rounding) with fewer passes over the [M, H*W]
+upsampled logits and fewer intermediates kept for backward, and matches all decoder layers in one batch
+when its matcher is an `InPlaceCostMatcher`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mfcore.fast.matcher_costs import InPlaceCostMatcher
+from mfcore.losses import SetCriterion
+from mfcore.mask_loss import loss_dtype
+from mfcore.matcher import Indices
+
 
 @functools.lru_cache(maxsize=32)
-def interpolation_matrix(in_size: int, out_size: int, device: torch.device) -> Tensor:
+def interpolation_matrix(in_size: int, out_size: int, device: torch.device,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
     """[out_size, in_size] weights of 1-D linear interpolation with align_corners=False (F.interpolate's).
 
     Output pixel j reads source position (j + 0.5) * in/out - 0.5, clamped at 0, between its two neighbours.
@@ -32,7 +39,7 @@ def interpolation_matrix(in_size: int, out_size: int, device: torch.device) -> T
         rows = torch.arange(out_size)
         weights.index_put_((rows, low), 1 - frac, accumulate=True)
         weights.index_put_((rows, high), frac, accumulate=True)
-        return weights.to(device, torch.float32)
+        return weights.to(device, dtype)
 
 
 def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
@@ -41,12 +48,13 @@ def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
 
     Same values up to float rounding; the point is the backward, which is two more matrix products
     here but a slow scatter loop in F.interpolate's CPU kernel (~10x slower for single-channel maps).
-    Runs in float32 even under autocast: these are the logits the losses are computed from.
+    Runs in float32 at least, even under autocast: these are the logits the losses are computed from.
     """
-    a_h = interpolation_matrix(x.shape[-2], size[0], x.device)
-    a_w = interpolation_matrix(x.shape[-1], size[1], x.device)
+    x = loss_dtype(x)
+    a_h = interpolation_matrix(x.shape[-2], size[0], x.device, x.dtype)
+    a_w = interpolation_matrix(x.shape[-1], size[1], x.device, x.dtype)
     with torch.autocast(x.device.type, enabled=False):
-        return torch.matmul(torch.matmul(a_h, x.float()), a_w.t())
+        return torch.matmul(torch.matmul(a_h, x), a_w.t())
 
 
 def target_terms(targets: Tensor, alpha: float = 0.25) -> tuple[Tensor, Tensor, Tensor]:
@@ -94,29 +102,69 @@ class FocalDiceLoss(torch.autograd.Function):
         return grad.addcmul_(dice_coef, g), None, None, None, None
 
 
-def focal_dice(logits: Tensor, targets: Tensor, alpha: float = 0.25) -> tuple[Tensor, Tensor]:
-    """(focal [M], dice [M]) of logits, targets [M, P]: torchvision's sigmoid_focal_loss(alpha, gamma=2)
-    averaged over pixels, and dice_loss, with FocalDiceLoss's fused backward."""
-    return FocalDiceLoss.apply(logits, targets, *target_terms(targets, alpha))
-
-
 class DenseMaskTargets:
     """The batch's ground-truth masks as float rows [T, H*W], per ground-truth size, with their
     target_terms: prepared once per criterion call and shared by every decoder layer, which only picks
     the rows its matching needs (all of them, in order, whenever every segment is matched)."""
 
-    def __init__(self, targets: list[dict], device: torch.device, alpha: float = 0.25):
+    def __init__(self, targets: list[dict], device: torch.device, dtype: torch.dtype = torch.float32,
+                 alpha: float = 0.25):
         by_size: dict[tuple[int, int], list[int]] = {}
         for b, t in enumerate(targets):
             if len(t["labels"]):
                 by_size.setdefault(tuple(t["masks"].shape[-2:]), []).append(b)
         self.groups = {}
         for size, images in by_size.items():
-            rows = torch.cat([targets[b]["masks"].to(device) for b in images]).flatten(1).float()
+            rows = torch.cat([targets[b]["masks"].to(device) for b in images]).flatten(1).to(dtype)
             counts = [len(targets[b]["labels"]) for b in images]
             offsets = dict(zip(images, torch.tensor([0] + counts[:-1]).cumsum(0).tolist()))
             self.groups[size] = (images, offsets, rows, *target_terms(rows, alpha))
 
 
-__all__ = ["interpolation_matrix", "upsample_bilinear", "target_terms", "FocalDiceLoss", "focal_dice",
-           "DenseMaskTargets"]
+class FusedSetCriterion(SetCriterion):
+    """`SetCriterion` whose dense mask losses go through `FocalDiceLoss` and `upsample_bilinear`, with the
+    batch's ground truth prepared once per call (`DenseMaskTargets`) for all decoder layers. Made from a
+    built SetCriterion by `mfcore.fast.build_criterion` (it adds no state of its own to keep)."""
+
+    _mask_targets: DenseMaskTargets | None = None  # the current call's, between forward's start and end
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
+        if "masks" in self.losses and self.num_points is None:
+            pred = outputs["pred_masks"]
+            self._mask_targets = DenseMaskTargets(targets, pred.device, loss_dtype(pred[:0]).dtype)
+        try:
+            return super().forward(outputs, targets)
+        finally:
+            self._mask_targets = None
+
+    def match(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
+        """All layers' matchings in one batch where the matcher can (`InPlaceCostMatcher.match_layers`)."""
+        if isinstance(self.matcher, InPlaceCostMatcher):
+            return self.matcher.match_layers(layers, targets)
+        return super().match(layers, targets)
+
+    def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
+        """Matched pairs of all images at once (images whose ground truth has the same size share one
+        gather, one upsampling and one loss call). Pairs are taken in ground-truth order, so that a
+        matching that covers every segment uses the prepared targets as they are. -> (focal [M], dice [M])"""
+        mask_targets = self._mask_targets or DenseMaskTargets(targets, pred.device, loss_dtype(pred[:0]).dtype)
+        focal, dice = [], []
+        for size, (images, offsets, rows, *terms) in mask_targets.groups.items():
+            order = [torch.argsort(indices[b][1]) for b in images]
+            batch_idx = torch.cat([torch.full_like(indices[b][0], b) for b in images]).to(pred.device)
+            src_idx = torch.cat([indices[b][0][o] for b, o in zip(images, order)]).to(pred.device)
+            if len(src_idx) == 0:
+                continue
+            row_idx = torch.cat([indices[b][1][o] + offsets[b] for b, o in zip(images, order)])
+            picked = [rows, *terms]
+            if len(row_idx) < len(rows):  # some segment unmatched (more segments than queries)
+                picked = [x[row_idx.to(x.device)] for x in picked]
+            logits = upsample_bilinear(pred[batch_idx, src_idx], size).flatten(1)
+            focal_g, dice_g = FocalDiceLoss.apply(logits, *picked)
+            focal.append(focal_g)
+            dice.append(dice_g)
+        return torch.cat(focal), torch.cat(dice)
+
+
+__all__ = ["interpolation_matrix", "upsample_bilinear", "target_terms", "FocalDiceLoss", "DenseMaskTargets",
+           "FusedSetCriterion"]

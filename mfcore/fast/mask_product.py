@@ -12,7 +12,7 @@ multiply-adds per pixel instead of k^2 C C_E + C_E R. Three orders follow from i
   The backward (`_SparseGradMaskProduct`) takes the live rows only and runs them through the folded conv:
   ~2 k^2 C r instead of 2 k^2 C C_E + 2 C_E R multiply-adds per pixel (R50 with 8 segments per image,
   r = 48: ~6x fewer), image by image;
-- otherwise (fold=False, `analysis.count_flops`, autocast in training, small models): conv, then product.
+- otherwise (autocast in training, small models): conv, then product, as `MaskProduct`.
 
 Every order gives the same values and gradients up to float rounding.
 """
@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from mfcore.modeling.models import MaskProduct
 
 # The sparse backward loops over images in Python. Below this many multiply-adds per image in the conv's
 # dense backward the loop's overhead outweighs what it saves: the tiny preset (64 channels, 16x16 masks,
@@ -33,13 +35,12 @@ def _folded_is_cheaper(rows: int, conv: nn.Conv2d) -> bool:
     return k2c * rows < k2c * conv.out_channels + conv.out_channels * rows
 
 
-def mask_logits(embed: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d, fold: bool = True) -> Tensor:
-    """embed: [B, R, C_E], pixel_features y: [B, C, h, w] -> mask logits [B, R, h, w] = embed . mask_conv(y).
-    fold=False always runs conv, then product (the paper's order, the one FLOPs are counted in)."""
+def mask_logits(embed: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d) -> Tensor:
+    """embed: [B, R, C_E], pixel_features y: [B, C, h, w] -> mask logits [B, R, h, w] = embed . mask_conv(y)."""
     batch, rows, _ = embed.shape
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in (embed, pixel_features, mask_conv.weight))
-    if fold and _folded_is_cheaper(rows, mask_conv):
+    if _folded_is_cheaper(rows, mask_conv):
         weight = torch.einsum("brc,cikl->brikl", embed, mask_conv.weight)           # [B, R, C, k, k]
         bias = embed @ mask_conv.bias if mask_conv.bias is not None else None      # [B, R]
         # one conv per image (each has its own weights); channels-last weights, like build_model's
@@ -50,12 +51,23 @@ def mask_logits(embed: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d, fol
     device = embed.device.type
     conv_macs = mask_conv.weight[0].numel() * mask_conv.out_channels * pixel_features[0, 0].numel()
     # under autocast the saved tensors mix dtypes, and a meta tensor has no values to find live rows in
-    if (fold and needs_grad and conv_macs >= SPARSE_BACKWARD_MIN_MACS and device in ("cpu", "cuda")
+    if (needs_grad and conv_macs >= SPARSE_BACKWARD_MIN_MACS and device in ("cpu", "cuda")
             and not torch.is_autocast_enabled(device)):
         return _SparseGradMaskProduct.apply(embed, pixel_features, mask_conv.weight, mask_conv.bias, mask_conv)
     mask_features = mask_conv(pixel_features)                                      # [B, C_E, h, w]
     masks = torch.bmm(embed, mask_features.flatten(2))                            # [B, R, h*w]
     return masks.view(batch, rows, *mask_features.shape[-2:])
+
+
+class FoldedMaskProduct(MaskProduct):
+    """`MaskProduct` (the model's m = MLP(Q) . E_pixel) through `mask_logits`: same inputs and output,
+    embed [L, B, N, C_E] -> [L, B, N, h, w]. Each image's L*N rows go together, so that each layer's masks
+    are a view of the [B, L*N, h, w] result and their gradients come back in that very layout."""
+
+    def forward(self, embed: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d) -> Tensor:
+        layers, batch, queries, channels = embed.shape
+        rows = embed.permute(1, 0, 2, 3).reshape(batch, layers * queries, channels)          # [B, L*N, C_E]
+        return mask_logits(rows, pixel_features, mask_conv).unflatten(1, (layers, queries)).transpose(0, 1)
 
 
 class _SparseGradMaskProduct(torch.autograd.Function):

@@ -8,8 +8,7 @@ Every backbone maps a normalized batch x: [B, 3, H, W] (H and W multiples of 32)
 and exposes the channels as `out_channels = {"res2": C2, ..., "res5": C5}`.
 
 The paper's backbones (Sec. 4, Table 1), built from timm with timm/torchvision parameter names:
-  r50, r101     ResNet, stride in the 3x3 conv, frozen BatchNorm (statistics and affine are buffers),
-                folded into the convolution before it when no gradient is needed (`mfcore.fast.frozen_bn`).
+  r50, r101     ResNet, stride in the 3x3 conv, frozen BatchNorm (statistics and affine are buffers).
   r101c         R101 whose 7x7 stem is the "DeepLab stem": 3x3 convs 3->64 (stride 2)->64->128.
   swin-t/s/b/l  Swin Transformer, patch 4, window 7 (T, S) or 12 (B, L: the 384-pretrained models),
                 feature maps padded to whole windows as in the released segmentation code, and a
@@ -45,8 +44,6 @@ from timm.models.swin_transformer import (
 )
 from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
-
-from mfcore.fast.frozen_bn import fold_frozen_bn
 
 FEATURES = ("res2", "res3", "res4", "res5")
 STRIDES = (4, 8, 16, 32)
@@ -105,8 +102,9 @@ class ResNetBackbone(Backbone):
         return feats
 
 
-def _conv_bn_pairs(net: ResNet) -> list[tuple[nn.Module, nn.Module]]:
-    """Every (conv, the BN that reads its output) of a timm ResNet, stem and shortcuts included."""
+def conv_bn_pairs(net: ResNet | ResNetBackbone) -> list[tuple[nn.Module, nn.Module]]:
+    """Every (conv, the BN that reads its output) of a timm ResNet (or its ResNetBackbone), stem and
+    shortcuts included."""
     # the deep stem is Sequential(conv, bn, act, conv, bn, act, conv) followed by net.bn1
     stem = list(net.conv1) if isinstance(net.conv1, nn.Sequential) else [net.conv1]
     pairs = [(stem[i], stem[i + 1]) for i in range(0, len(stem) - 1, 3)] + [(stem[-1], net.bn1)]
@@ -129,7 +127,6 @@ def _resnet(depths: tuple[int, ...], bottleneck: bool, frozen_bn: bool, deep_ste
     if frozen_bn:
         # BN(x) = (x - mean) / sqrt(var + eps) * weight + bias with all four held as buffers
         net = freeze_batch_norm_2d(net)
-        fold_frozen_bn(_conv_bn_pairs(net))
     return ResNetBackbone(net)
 
 

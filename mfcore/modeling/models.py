@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from mfcore.config import ModelConfig
-from mfcore.fast.mask_product import mask_logits
 from mfcore.modeling.backbones import build_backbone
 from mfcore.modeling.pixel_decoder import EncoderPixelDecoder, FPNPixelDecoder
 from mfcore.modeling.transformer import PositionEmbeddingSine, TransformerDecoder
@@ -34,6 +33,18 @@ class MLP(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
         return x
+
+
+class MaskProduct(nn.Module):
+    """m = MLP(Q) . E_pixel for every layer's queries (paper Sec. 3.3): the mask_features conv turns the
+    pixel decoder's output into E_pixel, then every mask embedding takes a dot product with every pixel's.
+
+    embed: [L, B, N, C_E], pixel_features: [B, C, h, w], mask_conv: C -> C_E  ->  mask logits [L, B, N, h, w]
+    """
+
+    def forward(self, embed: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d) -> Tensor:
+        mask_features = mask_conv(pixel_features)                                   # E_pixel [B, C_E, h, w]
+        return torch.einsum("lbnc,bchw->lbnhw", embed, mask_features)               # m = MLP(Q) . E_pixel
 
 
 class TransformerPredictor(nn.Module):
@@ -59,10 +70,7 @@ class TransformerPredictor(nn.Module):
         self.class_embed = nn.Linear(d, cfg.num_classes + 1) if class_head else None
         self.mask_embed = MLP(d, d, cfg.mask_dim, 3)
         self.box_embed = MLP(d, d, 4, 3) if cfg.box_head else None
-
-    # Compute the mask product in its cheapest order (`mask_product.mask_logits`); `analysis.count_flops`
-    # turns this off, since the paper's FLOPs count conv, then product.
-    fold_mask_conv: bool = True
+        self.mask_product = MaskProduct()
 
     def forward(self, memory: Tensor, pixel_features: Tensor, mask_conv: nn.Conv2d) -> dict:
         src = self.input_proj(memory)
@@ -72,15 +80,8 @@ class TransformerPredictor(nn.Module):
         # are computed (the paper's FLOP count leaves the auxiliary masks out).
         hs = self.transformer(src.flatten(2).transpose(1, 2), pos, query_pos,
                               every_layer=self.training)                   # [L, B, N, d], L = 1 in eval
-        # masks[b, l, q] = mask_embed[l, b, q] . E_pixel[b], laid out [B, L*N, h, w] so that each layer's
-        # masks are a view and their gradients come back in this very layout (an [L, B, ...] einsum
-        # output needs a permuting copy of the whole gradient).
-        embed = self.mask_embed(hs).transpose(0, 1)                          # [B, L, N, C_E]
-        batch, layers, queries, channels = embed.shape
-        masks = mask_logits(embed.reshape(batch, layers * queries, channels), pixel_features, mask_conv,
-                            self.fold_mask_conv)
-        masks = masks.unflatten(1, (layers, queries))
-        per_layer = [{"pred_masks": m} for m in masks.unbind(1)]
+        masks = self.mask_product(self.mask_embed(hs), pixel_features, mask_conv)  # [L, B, N, h, w]
+        per_layer = [{"pred_masks": m} for m in masks.unbind(0)]
         if self.class_embed is not None:
             for out, logits in zip(per_layer, self.class_embed(hs)):
                 out["pred_logits"] = logits

@@ -1,7 +1,7 @@
 """Pixel decoders: turn backbone features res2..res5 into per-pixel embeddings E_pixel [B, C_E, H/4, W/4].
 
 A decoder returns its FPN output; its `mask_features` conv, which makes E_pixel of it, is applied by the
-model (`mask_product.mask_logits` may fold it into the mask product).
+model, in its `MaskProduct` (m = MLP(Q) . E_pixel).
 
 `FPNPixelDecoder` is the light FPN of the paper (all 256 channels, GroupNorm(32), no conv bias where GN
 follows). The final `mask_features` conv is 3x3 with bias and no norm, as in the released code (the

@@ -2,8 +2,8 @@
 
 Post-norm means each sub-layer is `x = LayerNorm(x + Dropout(SubLayer(x)))`, as in DETR and the released
 MaskFormer. The decoder applies one *shared* final LayerNorm to every layer's output, so all 6 outputs can
-be read by the same heads for deep supervision. Attention and dropout come from `mfcore.fast.attention`
-(PyTorch's maths, with cheaper dropout masks on CPU).
+be read by the same heads for deep supervision. Attention is `nn.MultiheadAttention(batch_first=True)`
+(parameters `in_proj_weight` [3d, d], `in_proj_bias` [3d], `out_proj`), dropout `nn.Dropout`.
 """
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import math
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
-
-from mfcore.fast.attention import Dropout, MultiheadAttention
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -60,23 +58,29 @@ class PositionEmbeddingSine(nn.Module):
         return pos.permute(2, 0, 1).unsqueeze(0)
 
 
+def attend(attn: nn.Module, query: Tensor, key: Tensor, value: Tensor) -> Tensor:
+    """softmax(Q K^T / sqrt(d_h)) V per head, heads concatenated and projected: [B, L, d] from query [B, L, d],
+    key, value [B, S, d]. The attention weights are not returned (DETR never reads them)."""
+    return attn(query, key, value, need_weights=False)[0]
+
+
 class EncoderLayer(nn.Module):
     """Post-norm self-attention + FFN layer. src, pos: [B, S, d]."""
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int, dropout: float):
         super().__init__()
-        self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+        self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
-        self.dropout1 = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
 
     def forward(self, src: Tensor, pos: Tensor) -> Tensor:
         q = k = src + pos  # positions go to queries and keys, never to values
-        src = self.norm1(src + self.dropout1(self.self_attn(q, k, src)))
+        src = self.norm1(src + self.dropout1(attend(self.self_attn, q, k, src)))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(src))))
         return self.norm2(src + self.dropout2(ffn))
 
@@ -89,23 +93,23 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attention = self_attention
         if self_attention:
-            self.self_attn = MultiheadAttention(d_model, nhead, dropout)
+            self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout, batch_first=True)
             self.norm1 = nn.LayerNorm(d_model)
-            self.dropout1 = Dropout(dropout)
-        self.multihead_attn = MultiheadAttention(d_model, nhead, dropout)
+            self.dropout1 = nn.Dropout(dropout)
+        self.multihead_attn = nn.MultiheadAttention(d_model, nhead, dropout, batch_first=True)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
-        self.dropout = Dropout(dropout)
-        self.dropout2 = Dropout(dropout)
-        self.dropout3 = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
 
     def forward(self, tgt: Tensor, memory: Tensor, pos: Tensor, query_pos: Tensor) -> Tensor:
         if self.self_attention:
             q = k = tgt + query_pos
-            tgt = self.norm1(tgt + self.dropout1(self.self_attn(q, k, tgt)))
-        attn = self.multihead_attn(tgt + query_pos, memory + pos, memory)
+            tgt = self.norm1(tgt + self.dropout1(attend(self.self_attn, q, k, tgt)))
+        attn = attend(self.multihead_attn, tgt + query_pos, memory + pos, memory)
         tgt = self.norm2(tgt + self.dropout2(attn))
         ffn = self.linear2(self.dropout(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout3(ffn))

@@ -148,7 +148,9 @@ __all__ = ["capture_rng_state", "restore_rng_state", "config_dict", "configs_fro
 
 
 def load_trained_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """The model a checkpoint was trained as, with its weights, in eval mode: (model, checkpoint dict)."""
+    """The model a checkpoint was trained as, with its weights, in eval mode, its speed paths swapped in
+    (`mfcore.fast.accelerate`): (model, checkpoint dict)."""
+    from mfcore import fast
     from mfcore.config import override
     from mfcore.modeling.models import build_model
 
@@ -156,4 +158,4 @@ def load_trained_model(path: str | Path) -> tuple[nn.Module, dict]:
     _, model_cfg, _, _ = configs_from_checkpoint(ckpt)
     model = build_model(override(model_cfg, pretrained=None))  # weights come from the checkpoint
     load_model_state(model, ckpt["model"], str(path))
-    return model.eval(), ckpt
+    return fast.accelerate(model).eval(), ckpt

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from mfcore import fast
 from mfcore.config import PIXEL_MEAN, TrainConfig
 from mfcore.data.datasets import PanopticSegDataset
 from mfcore.fast.semantic_labels import semantic_labels
@@ -65,10 +66,14 @@ def mask_predictions(model: nn.Module, image: Tensor, output_size: tuple[int, in
 
 @torch.inference_mode()
 def mask_labels(model: nn.Module, image: Tensor, output_size: tuple[int, int]) -> Tensor:
-    """MaskFormer's semantic label map [H_out, W_out] for one image [3, h, w] (0..255), straight from the
-    stride-4 outputs (`semantic_labels`: the full-resolution masks and scores are never materialised)."""
+    """MaskFormer's semantic label map [H_out, W_out] for one image [3, h, w] (0..255): the argmax of
+    semantic inference (paper Sec. 3.4); with the speed paths on, straight from the stride-4 outputs
+    (`semantic_labels`: the full-resolution masks and scores are never materialised)."""
     outputs, padded, size = _padded_outputs(model, image)
-    return semantic_labels(outputs["pred_logits"], outputs["pred_masks"], padded, size, output_size)[0]
+    if fast.enabled():
+        return semantic_labels(outputs["pred_logits"], outputs["pred_masks"], padded, size, output_size)[0]
+    masks = postprocess_masks(outputs["pred_masks"][0], padded, size, output_size)
+    return semantic_inference(outputs["pred_logits"][0], masks, inplace=True).argmax(0)
 
 
 def _gather_pq(acc: PQAccumulator) -> PQAccumulator:

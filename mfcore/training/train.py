@@ -30,11 +30,12 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from mfcore import fast
 from mfcore.config import TrainConfig, override
 from mfcore.data.catalog import SYNTHETIC, dataset_name
 from mfcore.data.transforms import build_train_transform, collate
 from mfcore.files import json_safe, write_json, write_text
-from mfcore.losses import build_criterion, total_loss
+from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
 from mfcore.presets import adapt_to_data, get_preset
 from mfcore.training import distributed as du
@@ -237,10 +238,10 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
 
     seed_everything(cfg.seed)  # identical initial weights on every process
     # a resumed run takes every weight from its checkpoint: the pretrained backbone file is not read again
-    model = build_model(override(model_cfg, pretrained=None) if resume else model_cfg).to(device)
+    model = fast.accelerate(build_model(override(model_cfg, pretrained=None) if resume else model_cfg).to(device))
     seed_everything(cfg.seed + rank)
     loss_cfg = base.loss
-    criterion = build_criterion(loss_cfg.matcher, model_cfg.num_classes, model_cfg.num_queries,
+    criterion = fast.build_criterion(loss_cfg.matcher, model_cfg.num_classes, model_cfg.num_queries,
                                 cost_class=loss_cfg.cost_class, cost_mask=loss_cfg.cost_mask,
                                 cost_dice=loss_cfg.cost_dice, eos_coef=loss_cfg.eos_coef,
                                 num_points=loss_cfg.num_points, deep_supervision=loss_cfg.deep_supervision,

@@ -1,0 +1,96 @@
+"""The matching computed in place and for all decoder layers at once: `mfcore.matcher.HungarianMatcher` with
+fewer passes over the [B, N, h*w] logits, its work tensors kept between calls, and one cost tensor for every
+layer and image (one transfer to the host per training step, where the assignment runs)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mfcore.mask_loss import loss_dtype
+from mfcore.matcher import HungarianMatcher, Indices, assign, check_targets
+
+
+def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
+               scratch: list[Tensor] | None = None, per_image: bool | None = None) -> tuple[Tensor, Tensor]:
+    """`mfcore.mask_loss.pairwise_focal_dice` for logits [B, N, P], targets [B, M, P] in {0, 1} -> (focal, dice),
+    each [B, N, M]. With p = sigmoid(x), pos = (1-p)^g (-log p) and neg = p^g (-log(1-p)), both are linear in t:
+
+        sum_pixels focal(x, t) = a pos.t + (1-a) neg.(1-t) = a (pos - (1-a)/a neg).t + (1-a) sum(neg)
+        dice(m, t)             = 1 - (2 p.t + 1) / (sum(p) + sum(t) + 1)
+
+    so each needs one matrix product with the targets and one sum per prediction.
+    scratch: 4 work tensors shaped like logits (None: allocated here). per_image (default: on CPU) sends the
+    images through them one at a time: fewer multi-MB buffers in flight, so more of them stay in cache;
+    on a GPU the whole batch goes at once (fewer kernel launches).
+    """
+    if not 0 < alpha <= 1:
+        raise ValueError(f"alpha={alpha}: expected 0 < alpha <= 1")
+    batch, num_preds, num_pixels = logits.shape
+    scratch = scratch or [torch.empty_like(logits, memory_format=torch.contiguous_format) for _ in range(4)]
+    # [B, M, N]: with few targets (M ~ 8) BLAS runs t @ v^T faster than v @ t^T on CPU
+    weight_t, prob_t = (logits.new_empty(batch, targets.shape[1], num_preds) for _ in range(2))
+    neg_sum, prob_sum = (logits.new_empty(batch, num_preds) for _ in range(2))
+    if per_image is None:
+        per_image = logits.device.type == "cpu"
+    parts = range(batch) if per_image else [slice(None)]                 # an image [N, P] or all [B, N, P]
+    for part in parts:
+        x, (one_minus, neg_log, pos_log, prob) = logits[part], (s[part] for s in scratch)
+        torch.sigmoid(x, out=prob)
+        torch.matmul(targets[part], prob.transpose(-1, -2), out=prob_t[part])
+        torch.sum(prob, -1, out=prob_sum[part])
+        # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(x) - x.
+        # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
+        # and costs one fast log instead of the slow log1p(exp()) of F.softplus.
+        torch.sub(1, prob, out=one_minus)
+        torch.maximum(prob, one_minus, out=neg_log).log_()                   # -log(1 + e^-|x|)
+        torch.clamp(x, min=0, out=pos_log)
+        torch.sub(pos_log, neg_log, out=neg_log)                             # -log(1 - p)
+        torch.sub(neg_log, x, out=pos_log)                                   # -log p
+        pos = one_minus.pow_(gamma).mul_(pos_log)                            # (1-p)^g (-log p)
+        neg = neg_log.mul_(prob.pow_(gamma))                                 # p^g (-log(1-p))
+        weight = pos.sub_(neg, alpha=(1 - alpha) / alpha)
+        torch.matmul(targets[part], weight.transpose(-1, -2), out=weight_t[part])
+        torch.sum(neg, -1, out=neg_sum[part])
+    focal = (alpha * weight_t.transpose(1, 2) + (1 - alpha) * neg_sum[..., None]) / num_pixels
+    dice = 1 - (2 * prob_t.transpose(1, 2) + 1) / (prob_sum[..., None] + targets.sum(-1)[:, None, :] + 1)
+    return focal, dice
+
+
+class InPlaceCostMatcher(HungarianMatcher):
+    """HungarianMatcher whose mask costs run through `mask_costs`, in work tensors kept between calls."""
+
+    _scratch: dict[tuple, list[Tensor]] | None = None
+
+    def scratch(self, like: Tensor, count: int) -> list[Tensor]:
+        """`count` work tensors shaped like `like`, kept between calls on CPU.
+
+        Freshly allocated multi-MB CPU tensors are returned to the OS when freed, and touching them again
+        costs a page fault per 4 KiB, more than the arithmetic done in them (CUDA's caching allocator
+        already avoids this). One shape is kept at a time; it is not part of the state dict.
+        """
+        if like.device.type != "cpu":
+            return [torch.empty_like(like, memory_format=torch.contiguous_format) for _ in range(count)]
+        key = (tuple(like.shape), like.dtype, count)
+        if self._scratch is None or key not in self._scratch:
+            self._scratch = {key: [torch.empty(like.shape, dtype=like.dtype) for _ in range(count)]}
+        return self._scratch[key]
+
+    def mask_costs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        return mask_costs(logits, targets, scratch=self.scratch(logits, 4))
+
+    @torch.no_grad()
+    def match_layers(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
+        """[self(layer, targets) for layer in layers], the L layers' B images costed as one batch of L*B
+        (the ground truth prepared once) and brought to the host in one transfer."""
+        logits = torch.cat([loss_dtype(layer["pred_logits"]) for layer in layers])       # [L*B, N, K+1]
+        masks = torch.cat([loss_dtype(layer["pred_masks"]) for layer in layers])         # [L*B, N, h, w]
+        check_targets(targets, layers[0]["pred_logits"].shape[0])
+        sizes = [len(t["labels"]) for t in targets]
+        if max(sizes, default=0) == 0:
+            return [assign([logits.new_zeros(logits.shape[1], 0) for _ in targets]) for _ in layers]
+        labels, gt = self.ground_truth(targets, masks.shape[-2:], logits)
+        repeat = len(layers)
+        cost = self.costs(logits, masks, labels.repeat(repeat, 1), gt.repeat(repeat, 1, 1)).cpu()
+        batch = len(targets)
+        pairs = assign([cost[i, :, :sizes[i % batch]] for i in range(repeat * batch)])
+        return [pairs[i * batch:(i + 1) * batch] for i in range(repeat)]
