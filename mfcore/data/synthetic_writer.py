@@ -126,7 +126,7 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
         raise ValueError(f"kind must be 'semantic', 'panoptic' or 'both', got {kind!r}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
-    for name, value, low in (("num_classes", num_classes, 1), ("num_train", num_train, 1), ("num_val", num_val, 1)):
+    for name, value, low in (("num_classes", num_classes, 1), ("num_train", num_train, 1), ("num_val", num_val, 0)):
         if value < low:
             raise ValueError(f"{name}={value}: expected an integer >= {low}")
     out = Path(out_dir)
