@@ -126,9 +126,11 @@ def make_synthetic(out_dir: str | Path, num_classes: int = 20, num_train: int = 
         raise ValueError(f"kind must be 'semantic', 'panoptic' or 'both', got {kind!r}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
-    for name, value, low in (("num_classes", num_classes, 1), ("num_train", num_train, 1), ("num_val", num_val, 0)):
+    for name, value, low in (("num_classes", num_classes, 1), ("num_train", num_train, 0), ("num_val", num_val, 0)):
         if value < low:
             raise ValueError(f"{name}={value}: expected an integer >= {low}")
+    if num_train + num_val < 1:
+        raise ValueError("num_train + num_val = 0: expected at least one scene")
     out = Path(out_dir)
     things = round(0.4 * num_classes) if num_things is None else num_things
     classes = design_classes(num_classes, things, seed, num_primitives, design, class_freq_exponent, hue_noise,
