@@ -84,6 +84,16 @@ def _evaluate(args: argparse.Namespace) -> None:
         print(f"wrote {result['output']}")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from mfcore import fast
+    from mfcore.predict import predict
+
+    if args.no_fast:
+        fast.set_enabled(False)
+    predict(args.inputs, args.checkpoint, task=args.task, out_dir=args.out, device=args.device,
+            log=lambda line: print(line, flush=True))
+
+
 def _convert(args: argparse.Namespace) -> None:
     from mfcore.training.convert import convert_checkpoint
 
@@ -145,6 +155,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fast", action="store_true",
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="predict your own images: label / panoptic PNGs and overlays with a legend")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER", help="image files (.jpg, .jpeg, .png) or folders of them")
+    p.add_argument("--checkpoint", required=True, help="mfcore checkpoint (train's last.pt, or convert-checkpoint's)")
+    p.add_argument("--task", choices=("semantic", "panoptic", "instance"), default="semantic")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-fast", action="store_true",
+                   help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("convert-checkpoint", help="import the authors' released detectron2 .pkl")
     p.add_argument("pkl", help="released model_final.pkl")

@@ -298,7 +298,9 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
                 "rng": capture_rng_state(), "sampler": {"micro_batches": batches, **sampler.position(batches)},
-                "config": run_config, "data_root": data_source})
+                "config": run_config, "data_root": data_source,
+                # what `mfcore predict` names and splits into things/stuff on images without a dataset
+                "classes": {"names": list(train_set.class_names), "thing_ids": list(train_set.thing_ids)}})
         du.barrier()
 
     def run_eval(iteration: int) -> dict:
