@@ -27,6 +27,12 @@ TRAIN_FLAGS = {"iters": int, "batch_size": int, "lr": float, "amp": str, "grad_a
                "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
 
 
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or nothing, got {text!r}")
+    return text
+
+
 def _parse_sets(items: list[str]) -> dict:
     """["num_queries=50", "self_attention=false"] -> ModelConfig overrides, each value type-checked against
     the field's annotation (bool, int, float, text, lists, none); unknown fields are refused."""
@@ -131,7 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="datasets root (default for synthetic presets: data/generated/synthetic)")
     for name, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override TrainConfig.{name}")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in OUTPUT/last.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue the run saved in OUTPUT/last.pt; --resume auto: continue it if it exists, else "
+                        "start (for requeued cluster jobs)")
     p.add_argument("--progress", choices=("auto", "log", "off"), default="auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--stop-at", type=int, help="save and stop after this iteration (resume later)")

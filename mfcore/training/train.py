@@ -178,12 +178,13 @@ def _show(progress: str, line: str, final: bool = False) -> None:
 
 def train(preset: str, output_dir: str | Path, data_root: str | Path | None = None, *,
           train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
-          resume: bool = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None,
+          resume: bool | str = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None,
           on_log: Callable[[list[dict]], None] | None = None) -> dict:
     """Train `preset` (see mfcore.presets) into `output_dir`.
 
     train_overrides / model_overrides: TrainConfig / ModelConfig fields to change, e.g. {"iters": 20}.
-    resume: continue the run saved in output_dir/last.pt (its config must match, except RUN_LEVEL fields).
+    resume: continue the run saved in output_dir/last.pt (its config must match, except RUN_LEVEL fields);
+        "auto": continue it if output_dir/last.pt exists, else start (a requeued cluster job runs one command).
     progress: "auto" (in-place line on a terminal, else log lines), "log" (one line per log_period), "off".
     stop_at: stop once this many iterations are done, as an interruption would (checkpoint, then return);
         0 saves the untrained model.
@@ -192,6 +193,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     """
     if progress not in ("auto", "log", "off"):
         raise ValueError(f"progress={progress!r}: expected 'auto', 'log' or 'off'")
+    if not isinstance(resume, bool) and resume != "auto":
+        raise ValueError(f"resume={resume!r}: expected True, False or 'auto'")
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 0):
         raise ValueError(f"stop_at={stop_at!r}: expected an integer >= 0 (0 saves the untrained model)")
     output_dir = Path(output_dir)
@@ -207,7 +210,7 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
 
 
 def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_overrides: dict[str, Any] | None,
-           model_overrides: dict[str, Any] | None, resume: bool, progress: str, device: torch.device,
+           model_overrides: dict[str, Any] | None, resume: bool | str, progress: str, device: torch.device,
            stop_at: int | None, on_log: Callable[[list[dict]], None] | None) -> dict:
     ckpt_path = output_dir / "last.pt"
     rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
@@ -219,6 +222,11 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
                          f"grad_accum={cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    if resume == "auto":  # decided under the run lock; every process sees the same (shared) run folder
+        resume = ckpt_path.is_file()
+        if main:
+            what = f"resuming {ckpt_path}" if resume else f"no {ckpt_path} yet, starting"
+            _show(progress, f"--resume auto: {what}", final=True)
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
     if not resume and ckpt_path.exists():
