@@ -54,8 +54,8 @@ def _train(args: argparse.Namespace) -> None:
     overrides = {**sections["train"], **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}}
     try:
         result = train(args.preset, args.output, args.data_root, train_overrides=overrides,
-                       model_overrides=sections["model"], loss_overrides=sections["loss"], resume=args.resume, progress=args.progress,
-                       device=args.device, stop_at=args.stop_at)
+                       model_overrides=sections["model"], loss_overrides=sections["loss"], resume=args.resume,
+                       progress=args.progress, device=args.device, stop_at=args.stop_at)
         main_process = is_main_process()
     finally:
         cleanup()  # leave the torchrun process group (no-op in a single process)
@@ -162,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("predict", help="predict your own images: label / panoptic PNGs and overlays with a legend")
-    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER", help="image files (.jpg, .jpeg, .png) or folders of them")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER",
+                   help="image files (.jpg, .jpeg, .png) or folders of them")
     p.add_argument("--checkpoint", required=True, help="mfcore checkpoint (train's last.pt, or convert-checkpoint's)")
     p.add_argument("--task", choices=("semantic", "panoptic", "instance"), default="semantic")
     p.add_argument("--out", default="predictions", help="output folder (default: predictions)")

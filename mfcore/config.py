@@ -240,8 +240,8 @@ def parse_sets(items: list[str], base: dict[str, dict] | None = None) -> dict[st
     for item in items:
         key, sep, text = item.partition("=")
         if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE or SECTION.FIELD=VALUE, e.g. --set num_queries=50 or "
-                             f"--set train.crop_size=[384,384]")
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE or SECTION.FIELD=VALUE, e.g. "
+                             f"--set num_queries=50 or --set train.crop_size=[384,384]")
         section, dot, name = key.strip().rpartition(".")
         section = section if dot else "model"
         if section not in SECTIONS:

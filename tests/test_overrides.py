@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
@@ -60,8 +59,10 @@ def test_bad_sets_are_refused_in_one_line(item, expected, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, expected", [
-    ({"optim": {"lr": 1}}, "unknown section(s) ['optim']"), ({"train": {"itres": 1}}, "TrainConfig has no field 'itres'"),
-    ({"model": {"num_queries": "50"}}, "expected an integer"), ({"loss": {"num_points": 1.5}}, "expected an integer"),
+    ({"optim": {"lr": 1}}, "unknown section(s) ['optim']"),
+    ({"train": {"itres": 1}}, "TrainConfig has no field 'itres'"),
+    ({"model": {"num_queries": "50"}}, "expected an integer"),
+    ({"loss": {"num_points": 1.5}}, "expected an integer"),
     ({"model": [1]}, "must be a JSON object"), ([1, 2], "expected a JSON object"), (None, "not valid JSON"),
     ({"train": {"crop_size": [1, 2, 3]}}, "expected a list of 2 values")])
 def test_bad_config_files_are_refused_in_one_line(content, expected, tmp_path, capsys):

@@ -73,7 +73,8 @@ def test_predict_panoptic_writes_coco_png_and_json(run, tmp_path, monkeypatch):
         ids = read_panoptic_png(tmp_path / f"{stem}_panoptic.png")
         assert ids.shape == size
         annotation = next(a for a in data["annotations"] if a["image_id"] == stem)
-        assert annotation["segments_info"] and set(np.unique(ids)) - {0} == {s["id"] for s in annotation["segments_info"]}
+        assert annotation["segments_info"]
+        assert set(np.unique(ids)) - {0} == {s["id"] for s in annotation["segments_info"]}
         assert all(s["area"] == int((ids == s["id"]).sum()) for s in annotation["segments_info"])
         _overlay_ok(tmp_path / f"{stem}_overlay.png", size)
 

@@ -178,8 +178,8 @@ def _show(progress: str, line: str, final: bool = False) -> None:
 
 def train(preset: str, output_dir: str | Path, data_root: str | Path | None = None, *,
           train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
-          loss_overrides: dict[str, Any] | None = None, resume: bool | str = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None,
-          on_log: Callable[[list[dict]], None] | None = None) -> dict:
+          loss_overrides: dict[str, Any] | None = None, resume: bool | str = False, progress: str = "auto",
+          device: str = "auto", stop_at: int | None = None, on_log: Callable[[list[dict]], None] | None = None) -> dict:
     """Train `preset` (see mfcore.presets) into `output_dir`.
 
     train_overrides / model_overrides / loss_overrides: TrainConfig / ModelConfig / LossConfig fields to change,
@@ -213,7 +213,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
 
 def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_overrides: dict[str, Any] | None,
            model_overrides: dict[str, Any] | None, loss_overrides: dict[str, Any] | None, resume: bool | str,
-           progress: str, device: torch.device, stop_at: int | None, on_log: Callable[[list[dict]], None] | None) -> dict:
+           progress: str, device: torch.device, stop_at: int | None,
+           on_log: Callable[[list[dict]], None] | None) -> dict:
     ckpt_path = output_dir / "last.pt"
     rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
     base = get_preset(preset)
