@@ -27,21 +27,19 @@ TRAIN_FLAGS = {"iters": int, "batch_size": int, "lr": float, "amp": str, "grad_a
                "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
 
 
-def _parse_sets(items: list[str]) -> dict:
-    """["num_queries=50", "self_attention=false"] -> ModelConfig overrides, each value type-checked against
-    the field's annotation (bool, int, float, text, lists, none); unknown fields are refused."""
-    from mfcore.config import ModelConfig, parse_field
+def _resume_mode(text: str) -> str:
+    if text != "auto":
+        raise argparse.ArgumentTypeError(f"expected 'auto' or nothing, got {text!r}")
+    return text
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE, e.g. --set num_queries=50")
-        try:
-            out[key.strip()] = parse_field(ModelConfig, key.strip(), value)
-        except ValueError as err:
-            raise ValueError(f"--set {item}: {err}") from None
-    return out
+
+def _parse_sets(items: list[str], config: str | None = None) -> dict[str, dict]:
+    """--config FILE.json, then every --set on top -> {"model": {...}, "train": {...}, "loss": {...}}: each value
+    type-checked against its field's annotation (bool, int, float, text, lists, none); unknown sections and
+    fields are refused. `--set num_queries=50` (no section) is `--set model.num_queries=50`."""
+    from mfcore.config import parse_sets, read_overrides
+
+    return parse_sets(items, read_overrides(config) if config else None)
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -51,12 +49,13 @@ def _train(args: argparse.Namespace) -> None:
 
     if args.no_fast:
         fast.set_enabled(False)
-    overrides = {k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}
-    model_overrides = _parse_sets(args.set)
+    sections = _parse_sets(args.set, args.config)
+    # precedence: --config, then --set, then the named flags (--iters, --lr, ...)
+    overrides = {**sections["train"], **{k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None}}
     try:
         result = train(args.preset, args.output, args.data_root, train_overrides=overrides,
-                       model_overrides=model_overrides, resume=args.resume, progress=args.progress,
-                       device=args.device, stop_at=args.stop_at)
+                       model_overrides=sections["model"], loss_overrides=sections["loss"], resume=args.resume,
+                       progress=args.progress, device=args.device, stop_at=args.stop_at)
         main_process = is_main_process()
     finally:
         cleanup()  # leave the torchrun process group (no-op in a single process)
@@ -82,6 +81,16 @@ def _evaluate(args: argparse.Namespace) -> None:
                                           if isinstance(v, float)))
     if "output" in result:
         print(f"wrote {result['output']}")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from mfcore import fast
+    from mfcore.predict import predict
+
+    if args.no_fast:
+        fast.set_enabled(False)
+    predict(args.inputs, args.checkpoint, task=args.task, out_dir=args.out, device=args.device,
+            log=lambda line: print(line, flush=True))
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -121,12 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="datasets root (default for synthetic presets: data/generated/synthetic)")
     for name, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, help=f"override TrainConfig.{name}")
-    p.add_argument("--resume", action="store_true", help="continue the run saved in OUTPUT/last.pt")
+    p.add_argument("--resume", nargs="?", const=True, default=False, type=_resume_mode, metavar="auto",
+                   help="continue the run saved in OUTPUT/last.pt; --resume auto: continue it if it exists, else "
+                        "start (for requeued cluster jobs)")
     p.add_argument("--progress", choices=("auto", "log", "off"), default="auto")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--stop-at", type=int, help="save and stop after this iteration (resume later)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a ModelConfig field, e.g. --set num_queries=50 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="[SECTION.]FIELD=VALUE",
+                   help="override a config field: model.*, train.* or loss.*, e.g. --set model.num_queries=50 "
+                        "--set train.crop_size=[384,384] --set loss.num_points=12544; no section: model "
+                        "(repeatable; applied after --config, before --iters/--lr/...)")
+    p.add_argument("--config", metavar="FILE.json",
+                   help='overrides from a JSON file: {"model": {...}, "train": {...}, "loss": {...}}')
     p.add_argument("--no-fast", action="store_true",
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_train)
@@ -145,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fast", action="store_true",
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("predict", help="predict your own images: label / panoptic PNGs and overlays with a legend")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE|FOLDER",
+                   help="image files (.jpg, .jpeg, .png) or folders of them")
+    p.add_argument("--checkpoint", required=True, help="mfcore checkpoint (train's last.pt, or convert-checkpoint's)")
+    p.add_argument("--task", choices=("semantic", "panoptic", "instance"), default="semantic")
+    p.add_argument("--out", default="predictions", help="output folder (default: predictions)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--no-fast", action="store_true",
+                   help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("convert-checkpoint", help="import the authors' released detectron2 .pkl")
     p.add_argument("pkl", help="released model_final.pkl")

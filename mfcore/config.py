@@ -11,6 +11,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ARCHS = ("maskformer", "perpixel", "perpixelplus")
@@ -74,6 +75,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.matcher not in MATCHERS:
             raise ValueError(f"LossConfig.matcher={self.matcher!r}: expected one of {MATCHERS}")
+        if self.num_points is not None and (isinstance(self.num_points, bool) or not isinstance(self.num_points, int)
+                                            or self.num_points < 1):
+            raise ValueError(f"LossConfig.num_points={self.num_points!r}: expected an integer >= 1, or none (dense)")
 
 
 def to_dict(cfg: Any) -> dict:
@@ -151,6 +155,17 @@ def parse_field(cls: type, name: str, text: str) -> Any:
     return _typed(f"{cls.__name__}.{name}", value, hints[name])
 
 
+def check_field(cls: type, name: str, value: Any) -> Any:
+    """An already-parsed (JSON) `value` of field `name` of config dataclass `cls`, type-checked as
+    `parse_field` checks text: unknown fields and values of the wrong type are a ValueError in one line."""
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise ValueError(f"{cls.__name__} has no field {name!r}; valid: {', '.join(sorted(hints))}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{cls.__name__}.{name}={value!r}: expected a finite number")
+    return _typed(f"{cls.__name__}.{name}", value, hints[name])
+
+
 def override(cfg: Any, **changes: Any) -> Any:
     """Copy of `cfg` with fields changed; a misspelt field is an error."""
     names = {f.name for f in dataclasses.fields(cfg)}
@@ -210,3 +225,58 @@ class TrainConfig:
                                  + (" (0: only at the end)" if name == "eval_period" else ""))
         if not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) or self.lr <= 0:
             raise ValueError(f"TrainConfig.lr={self.lr!r}: expected a number > 0")
+
+
+# ----------------------------------------------------------------------------- overrides by section
+# `--set SECTION.FIELD=VALUE` and `--config FILE.json` ({"model": {...}, "train": {...}, "loss": {...}})
+SECTIONS: dict[str, type] = {"model": ModelConfig, "train": TrainConfig, "loss": LossConfig}
+
+
+def parse_sets(items: list[str], base: dict[str, dict] | None = None) -> dict[str, dict]:
+    """["model.num_queries=50", "train.crop_size=[384,384]", "loss.num_points=12544", "dropout=0"] ->
+    {"model": {...}, "train": {...}, "loss": {...}} on top of `base` (a copy); a field without a section is a
+    ModelConfig field. Values are type-checked (`parse_field`); unknown sections and fields are refused."""
+    out = {section: dict((base or {}).get(section, {})) for section in SECTIONS}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE or SECTION.FIELD=VALUE, e.g. "
+                             f"--set num_queries=50 or --set train.crop_size=[384,384]")
+        section, dot, name = key.strip().rpartition(".")
+        section = section if dot else "model"
+        if section not in SECTIONS:
+            raise ValueError(f"--set {item}: unknown section {section!r}; expected {', '.join(SECTIONS)} "
+                             f"(no section: model)")
+        try:
+            out[section][name] = parse_field(SECTIONS[section], name, text)
+        except ValueError as err:
+            raise ValueError(f"--set {item}: {err}") from None
+    return out
+
+
+def read_overrides(path: str | Path) -> dict[str, dict]:
+    """The overrides of a JSON file {"model": {...}, "train": {...}, "loss": {...}} (every section optional),
+    each value type-checked (`check_field`); unknown sections and fields are refused, naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--config file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"--config {path}: not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a JSON object {{\"model\": {{...}}, \"train\": {{...}}, "
+                         f"\"loss\": {{...}}}}")
+    unknown = sorted(set(data) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"--config {path}: unknown section(s) {unknown}; expected {', '.join(SECTIONS)}")
+    out: dict[str, dict] = {section: {} for section in SECTIONS}
+    for section, fields in data.items():
+        if not isinstance(fields, dict):
+            raise ValueError(f"--config {path}: section {section!r} must be a JSON object of field: value")
+        for name, value in fields.items():
+            try:
+                out[section][name] = check_field(SECTIONS[section], name, value)
+            except ValueError as err:
+                raise ValueError(f"--config {path}: {err}") from None
+    return out

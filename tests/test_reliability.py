@@ -183,7 +183,7 @@ def test_evaluate_refuses_a_diverged_checkpoint(data_root, trained, tmp_path, ca
 # ------------------------------------------------------------------------- 4. typed --set
 def test_set_values_are_type_checked_against_model_config():
     assert _parse_sets(["self_attention=False", "num_queries=50", "memory_feature=res3", "dropout=0",
-                        "pretrained=none", "pixel_mean=[1, 2, 3]"]) == dict(
+                        "pretrained=none", "pixel_mean=[1, 2, 3]"])["model"] == dict(
         self_attention=False, num_queries=50, memory_feature="res3", dropout=0.0, pretrained=None,
         pixel_mean=(1.0, 2.0, 3.0))
 

@@ -170,6 +170,27 @@ def test_resumed_run_ends_bit_identical(data_root, tmp_path):
     assert [r["loss"] for r in _records(tmp_path / "b", "train")] == [r["loss"] for r in _records(tmp_path / "a", "train")]
 
 
+def test_resume_auto_starts_a_new_run_then_continues_it(data_root, tmp_path, capsys):
+    from mfcore.cli import build_parser
+
+    kw = dict(train_overrides=dict(FAST, iters=2), model_overrides=SMALL_MODEL, progress="log")
+    first = train("synthetic-maskformer-tiny", tmp_path, data_root, resume="auto", stop_at=1, **kw)  # no last.pt
+    assert first["status"] == "stopped" and load_checkpoint(tmp_path / "last.pt")["iteration"] == 1
+    assert "--resume auto: no " in capsys.readouterr().out
+    second = train("synthetic-maskformer-tiny", tmp_path, data_root, resume="auto", **kw)  # the requeued job
+    assert second["status"] == "finished" and second["iteration"] == 2
+    assert "--resume auto: resuming " in capsys.readouterr().out
+    assert [r["iter"] for r in _records(tmp_path, "train")] == [1, 2]
+    with pytest.raises(ValueError, match="resume='yes'"):
+        train("synthetic-maskformer-tiny", tmp_path, data_root, resume="yes", **kw)
+    parse = build_parser().parse_args
+    base = ["train", "--preset", "p", "--output", "o"]
+    assert parse(base).resume is False and parse(base + ["--resume"]).resume is True
+    assert parse(base + ["--resume", "auto"]).resume == "auto"
+    with pytest.raises(SystemExit):
+        parse(base + ["--resume", "always"])
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_root, tmp_path, monkeypatch):
     calls = []
     real = train_module.total_loss

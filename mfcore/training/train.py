@@ -178,12 +178,14 @@ def _show(progress: str, line: str, final: bool = False) -> None:
 
 def train(preset: str, output_dir: str | Path, data_root: str | Path | None = None, *,
           train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
-          resume: bool = False, progress: str = "auto", device: str = "auto", stop_at: int | None = None,
-          on_log: Callable[[list[dict]], None] | None = None) -> dict:
+          loss_overrides: dict[str, Any] | None = None, resume: bool | str = False, progress: str = "auto",
+          device: str = "auto", stop_at: int | None = None, on_log: Callable[[list[dict]], None] | None = None) -> dict:
     """Train `preset` (see mfcore.presets) into `output_dir`.
 
-    train_overrides / model_overrides: TrainConfig / ModelConfig fields to change, e.g. {"iters": 20}.
-    resume: continue the run saved in output_dir/last.pt (its config must match, except RUN_LEVEL fields).
+    train_overrides / model_overrides / loss_overrides: TrainConfig / ModelConfig / LossConfig fields to change,
+        e.g. {"iters": 20}.
+    resume: continue the run saved in output_dir/last.pt (its config must match, except RUN_LEVEL fields);
+        "auto": continue it if output_dir/last.pt exists, else start (a requeued cluster job runs one command).
     progress: "auto" (in-place line on a terminal, else log lines), "log" (one line per log_period), "off".
     stop_at: stop once this many iterations are done, as an interruption would (checkpoint, then return);
         0 saves the untrained model.
@@ -192,6 +194,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     """
     if progress not in ("auto", "log", "off"):
         raise ValueError(f"progress={progress!r}: expected 'auto', 'log' or 'off'")
+    if not isinstance(resume, bool) and resume != "auto":
+        raise ValueError(f"resume={resume!r}: expected True, False or 'auto'")
     if stop_at is not None and (isinstance(stop_at, bool) or not isinstance(stop_at, int) or stop_at < 0):
         raise ValueError(f"stop_at={stop_at!r}: expected an integer >= 0 (0 saves the untrained model)")
     output_dir = Path(output_dir)
@@ -200,15 +204,17 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     base = get_preset(preset)  # bad values are refused before the run folder is created or locked
     override(base.train, **(train_overrides or {}))
     override(base.model, **(model_overrides or {}))
+    override(base.loss, **(loss_overrides or {}))
     device = du.init_distributed(resolve_device(device))
     with RunLock(output_dir) if du.is_main_process() else nullcontext():
-        return _train(preset, output_dir, data_root, train_overrides, model_overrides, resume, progress, device,
-                      stop_at, on_log)
+        return _train(preset, output_dir, data_root, train_overrides, model_overrides, loss_overrides, resume,
+                      progress, device, stop_at, on_log)
 
 
 def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_overrides: dict[str, Any] | None,
-           model_overrides: dict[str, Any] | None, resume: bool, progress: str, device: torch.device,
-           stop_at: int | None, on_log: Callable[[list[dict]], None] | None) -> dict:
+           model_overrides: dict[str, Any] | None, loss_overrides: dict[str, Any] | None, resume: bool | str,
+           progress: str, device: torch.device, stop_at: int | None,
+           on_log: Callable[[list[dict]], None] | None) -> dict:
     ckpt_path = output_dir / "last.pt"
     rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
     base = get_preset(preset)
@@ -219,6 +225,11 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
                          f"grad_accum={cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    if resume == "auto":  # decided under the run lock; every process sees the same (shared) run folder
+        resume = ckpt_path.is_file()
+        if main:
+            what = f"resuming {ckpt_path}" if resume else f"no {ckpt_path} yet, starting"
+            _show(progress, f"--resume auto: {what}", final=True)
     if resume and not ckpt_path.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
     if not resume and ckpt_path.exists():
@@ -234,13 +245,13 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
             val_set = build_run_dataset(cfg.dataset, data_root, "val")
         du.barrier()
     model_cfg = adapt_to_data(override(base, train=cfg), model_cfg, train_set.num_classes, model_overrides)
-    run_config = config_dict(base.name, model_cfg, base.loss, cfg)
+    loss_cfg = override(base.loss, **(loss_overrides or {}))
+    run_config = config_dict(base.name, model_cfg, loss_cfg, cfg)
 
     seed_everything(cfg.seed)  # identical initial weights on every process
     # a resumed run takes every weight from its checkpoint: the pretrained backbone file is not read again
     model = fast.accelerate(build_model(override(model_cfg, pretrained=None) if resume else model_cfg).to(device))
     seed_everything(cfg.seed + rank)
-    loss_cfg = base.loss
     criterion = fast.build_criterion(loss_cfg.matcher, model_cfg.num_classes, model_cfg.num_queries,
                                 cost_class=loss_cfg.cost_class, cost_mask=loss_cfg.cost_mask,
                                 cost_dice=loss_cfg.cost_dice, eos_coef=loss_cfg.eos_coef,
@@ -298,7 +309,9 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else None, "iteration": iteration,
                 "rng": capture_rng_state(), "sampler": {"micro_batches": batches, **sampler.position(batches)},
-                "config": run_config, "data_root": data_source})
+                "config": run_config, "data_root": data_source,
+                # what `mfcore predict` names and splits into things/stuff on images without a dataset
+                "classes": {"names": list(train_set.class_names), "thing_ids": list(train_set.thing_ids)}})
         du.barrier()
 
     def run_eval(iteration: int) -> dict:
