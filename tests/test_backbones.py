@@ -79,7 +79,7 @@ def test_bad_input_and_unknown_name():
 
 
 def test_resnet_param_counts():
-    # REFERENCE: MaskFormer R50 41.25M = backbone 23.45M + 7.54M + 10.26M; R101 60.19M -> 42.39M
+    # released models: MaskFormer R50 41.25M = backbone 23.45M + 7.54M + 10.26M; R101 60.19M -> 42.39M
     assert n_params(meta_backbone("r50")) == pytest.approx(23.45e6, rel=0.005)
     r101 = n_params(meta_backbone("r101"))
     assert r101 == pytest.approx(60.19e6 - 41.25e6 + 23.45e6, rel=0.005)

@@ -70,3 +70,16 @@ def test_dataset_values_do_not_depend_on_model(dataset):
                 continue
             cfg = get_preset(f"{dataset}-{model}-{backbone}").train
             assert [getattr(cfg, f) for f in fields] == [getattr(ref, f) for f in fields]
+
+
+def test_code_cites_the_paper_not_a_file_outside_the_repository():
+    """Comments cite the paper (section, table, equation) or a released config key, never a notes file that
+    is not part of this repository."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    outside = ("REFERENCE" + ".md", "# REFERENCE" + ":")
+    hits = [f"{path.relative_to(root)}:{i}" for folder in ("mfcore", "tests", "benchmarks")
+            for path in sorted((root / folder).rglob("*.py"))
+            for i, line in enumerate(path.read_text().splitlines(), 1) if any(o in line for o in outside)]
+    assert hits == []
