@@ -182,8 +182,12 @@ class TrainConfig:
     crop_size: tuple[int, int] = (512, 512)   # training crop (H, W); FLOPs are counted at this size
     short_sides: tuple[int, ...] = tuple(int(512 * s / 10) for s in range(5, 21))  # 256, 307, ..., 1024
     max_size: int = 2048                      # longest side cap after the short-side resize
-    test_short_side: int = 512                # single-scale evaluation short side
-    tta_short_sides: tuple[int, ...] = (256, 384, 512, 640, 768, 896)  # multi-scale test (+ flip)
+    test_short_side: int = 512                # single-scale evaluation short side (released INPUT.MIN_SIZE_TEST)
+    test_max_size: int = 2048                 # its long-side cap (INPUT.MAX_SIZE_TEST)
+    tta_short_sides: tuple[int, ...] = (256, 384, 512, 640, 768, 896)  # multi-scale test, + flip (TEST.AUG.MIN_SIZES)
+    tta_max_size: int = 3584                  # their long-side cap (TEST.AUG.MAX_SIZE)
+    tta_side: str = "short"                   # "long": tta_short_sides are long sides, each its own cap
+                                              # (Mapillary Vistas: 0.5, 1.0, 1.5 x a long side of 2048)
     iters: int = 160_000                      # optimiser steps
     batch_size: int = 16                      # images per step, summed over processes and accumulation
     lr: float = 1e-4                          # AdamW base learning rate
@@ -213,12 +217,14 @@ class TrainConfig:
         self.lr_steps = tuple(self.lr_steps)
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.amp={self.amp!r}: expected off, bf16 or fp16")
+        if self.tta_side not in ("short", "long"):
+            raise ValueError(f"TrainConfig.tta_side={self.tta_side!r}: expected short or long")
         if self.lr_schedule not in ("poly", "step"):
             raise ValueError(f"TrainConfig.lr_schedule={self.lr_schedule!r}: expected poly or step")
         # sizes and periods: a zero or negative value hangs, divides by zero or silently means something else
         for name, low in (("iters", 1), ("batch_size", 1), ("grad_accum", 1), ("checkpoint_period", 1),
                           ("log_period", 1), ("eval_period", 0), ("num_workers", 0), ("max_size", 1),
-                          ("test_short_side", 1), ("warmup_iters", 0)):
+                          ("test_short_side", 1), ("test_max_size", 1), ("tta_max_size", 1), ("warmup_iters", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"TrainConfig.{name}={value!r}: expected an integer >= {low}"

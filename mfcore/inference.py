@@ -10,8 +10,9 @@ column is "no object") and ``pred_masks: [N, H, W]`` mask logits. Two ways turn 
   (things keep their own segment, stuff of one class is merged) and, with every class treated as stuff,
   Table VII's "general inference" semantic map.
 
-Thresholds (REFERENCE.md): object-mask threshold 0.8 on COCO panoptic, **0.7 on ADE20K panoptic**, 0.3
-for Table VII's general semantic inference; overlap threshold 0.8 everywhere.
+Thresholds (released configs, MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD / OVERLAP_THRESHOLD): object-mask
+threshold 0.8 on COCO panoptic, **0.7 on ADE20K panoptic**; 0.3 for Table VII's general semantic inference
+(Appendix); overlap threshold 0.8 everywhere.
 
 The resize helpers follow the released code: mask logits (stride 4 of the padded input) are bilinearly
 upsampled to the padded size, the padding is cropped, and the result is resized to the original size.
@@ -336,17 +337,20 @@ def predict_semantic_tta(
     flip: bool = True,
     max_size: int = ADE20K_TTA_MAX_SIZE,
     size_divisibility: int = 32,
+    long_side: bool = False,
 ) -> Tensor:
     """Multi-scale (+ horizontal flip) semantic scores [K, H, W] for one image [3, H, W] in 0..255.
 
     The image is resized to every short side, optionally flipped, predicted, mapped back to (H, W)
     (flipped back), and the score maps are averaged, as the released SemanticSegmentorWithTTA does.
+    long_side: `short_sides` are long sides instead (each is its own cap, `max_size` unused): Mapillary
+    Vistas tests at 0.5, 1.0, 1.5 x a long side of 2048.
     """
     output_size = (int(image.shape[-2]), int(image.shape[-1]))
     total: Tensor | None = None
     count = 0
     for short_side in short_sides:
-        resized = resize_shortest_edge(image, short_side, max_size)
+        resized = resize_shortest_edge(image, short_side, short_side if long_side else max_size)
         for flipped in (False, True) if flip else (False,):
             view = resized.flip(-1) if flipped else resized
             scores = predict_semantic(model, view, output_size, size_divisibility)

@@ -47,12 +47,14 @@ def sample_uncertain_points(logits: Tensor, num_points: int, oversample_ratio: f
     most uncertain (uncertainty = -|logit|, highest at the decision boundary), fill up with uniform points.
     """
     num_masks = logits.shape[0]
-    candidates = torch.rand(num_masks, int(num_points * oversample_ratio), 2, device=logits.device)
+    # the points in the logits' dtype: grid_sample needs input and grid of one dtype (float64 runs too)
+    candidates = torch.rand(num_masks, int(num_points * oversample_ratio), 2, device=logits.device,
+                            dtype=logits.dtype)
     uncertainty = -point_sample(logits, candidates)[:, 0].abs()                 # [M, S]
     num_uncertain = int(importance_sample_ratio * num_points)
     top = uncertainty.topk(num_uncertain, dim=1).indices
     uncertain = candidates.gather(1, top[..., None].expand(-1, -1, 2))
-    uniform = torch.rand(num_masks, num_points - num_uncertain, 2, device=logits.device)
+    uniform = torch.rand(num_masks, num_points - num_uncertain, 2, device=logits.device, dtype=logits.dtype)
     return torch.cat([uncertain, uniform], dim=1)
 
 

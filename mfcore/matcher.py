@@ -143,14 +143,14 @@ class BoxMatcher(nn.Module):
         batch, num_queries = outputs["pred_logits"].shape[:2]
         check_targets(targets, batch)
         sizes = [len(t["labels"]) for t in targets]
-        prob = outputs["pred_logits"].float().flatten(0, 1).softmax(-1)       # [B*N, K+1]
-        boxes = outputs["pred_boxes"].float().flatten(0, 1)                   # [B*N, 4]
+        prob = loss_dtype(outputs["pred_logits"]).flatten(0, 1).softmax(-1)   # [B*N, K+1]
+        boxes = loss_dtype(outputs["pred_boxes"]).flatten(0, 1)               # [B*N, 4]
         if sum(sizes) == 0:
             return [prob.new_zeros(num_queries, 0) for _ in targets]
         # Boxes are cheap, so cost every prediction against every box of the batch and keep the
         # diagonal blocks (same image), as DETR does.
         labels = torch.cat([t["labels"] for t in targets]).to(prob.device)
-        gt_boxes = torch.cat([target_boxes(t) for t in targets]).to(prob.device)
+        gt_boxes = torch.cat([target_boxes(t) for t in targets]).to(prob.device, boxes.dtype)
         cost = (self.cost_class * -prob[:, labels] + self.cost_bbox * torch.cdist(boxes, gt_boxes, p=1)
                 - self.cost_giou * pairwise_giou(boxes, gt_boxes)).view(batch, num_queries, -1)
         return [block[b] for b, block in enumerate(cost.split(sizes, dim=-1))]

@@ -1,7 +1,8 @@
 """Named presets `<dataset>-<model>-<backbone>` for every model of the paper's tables, plus small CPU ones.
 
 A preset bundles the three configs a run needs: `model` (ModelConfig), `loss` (LossConfig) and `train`
-(TrainConfig). Dataset facts (classes, crop, schedule) come from REFERENCE.md "Training".
+(TrainConfig). Dataset facts (classes, crop, schedule, test sizes) come from the paper (Sec. 4 and the
+Appendix's implementation details) and the released detectron2 configs.
 """
 from __future__ import annotations
 
@@ -20,27 +21,47 @@ class Preset:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def _short_sides(base: int) -> tuple[int, ...]:
-    """Short-side jitter of the paper: base * {0.5, 0.6, ..., 2.0}."""
-    return tuple(int(base * s / 10) for s in range(5, 21))
+def _short_sides(base: int, last: int = 20) -> tuple[int, ...]:
+    """Short-side jitter of the released configs: int(x * 0.1 * base) for x in 5..last, i.e. base * {0.5, 0.6,
+    ..., last / 10}: 2.0 for most datasets, 1.5 for COCO-Stuff-10K (320..960)."""
+    return tuple(int(x * 0.1 * base) for x in range(5, last + 1))
 
 
-# dataset -> (num_classes, TrainConfig fields); REFERENCE.md "Training" and "Data on disk"
+def _tta_sides(base: int) -> tuple[int, ...]:
+    """Multi-scale test sizes of the released configs (TEST.AUG.MIN_SIZES): base * {0.5, 0.75, ..., 1.75}."""
+    return tuple(base * x // 4 for x in range(2, 8))
+
+
+# The evaluation sizes of a model trained at crop 512 / 640 (released INPUT.MIN_SIZE_TEST, MAX_SIZE_TEST,
+# TEST.AUG.MIN_SIZES, TEST.AUG.MAX_SIZE): single scale at the crop size, long side <= 4x it; multi-scale
+# 0.5x..1.75x with the long side <= 7x.
+TEST_512 = dict(test_short_side=512, test_max_size=2048, tta_short_sides=_tta_sides(512), tta_max_size=3584)
+TEST_640 = dict(test_short_side=640, test_max_size=2560, tta_short_sides=_tta_sides(640), tta_max_size=4480)
+
+# dataset -> (num_classes, TrainConfig fields), from the paper's Sec. 4 / Appendix and the released configs
+# (SOLVER.MAX_ITER, SOLVER.IMS_PER_BATCH, INPUT.CROP.SIZE, INPUT.MIN_SIZE_TRAIN, INPUT.MAX_SIZE_TRAIN, the
+# test sizes above and the dataset's ignore label)
 DATASETS: dict[str, tuple[int, dict]] = {
-    "ade20k": (150, dict(dataset="ade20k", iters=160_000)),
-    "ade20k-full": (847, dict(dataset="ade20k-full", iters=200_000)),
+    "ade20k": (150, dict(dataset="ade20k", iters=160_000, **TEST_512)),
+    # ADE20K-Full: 847 classes, so 255 is a class; unlabelled pixels and every padding carry 65535
+    "ade20k-full": (847, dict(dataset="ade20k-full", iters=200_000, ignore_label=65535, **TEST_512)),
     "coco-stuff": (171, dict(dataset="coco-stuff", iters=60_000, batch_size=32, crop_size=(640, 640),
-                             short_sides=_short_sides(640), max_size=2560, test_short_side=640)),
+                             short_sides=_short_sides(640, last=15), max_size=2560, **TEST_640)),
     "cityscapes": (19, dict(dataset="cityscapes", iters=90_000, crop_size=(512, 1024),
-                            short_sides=_short_sides(1024), max_size=4096, test_short_side=1024)),
+                            short_sides=_short_sides(1024), max_size=4096, test_short_side=1024,
+                            test_max_size=2048, tta_short_sides=_tta_sides(1024), tta_max_size=4096)),
+    # Mapillary Vistas tests at a long side of 2048 (MIN_SIZE_TEST = MAX_SIZE_TEST = 2048); multi-scale at
+    # 0.5, 1.0, 1.5 of that long side
     "mapillary": (65, dict(dataset="mapillary", iters=300_000, crop_size=(1280, 1280),
-                           short_sides=_short_sides(2048), max_size=8192, test_short_side=2048)),
+                           short_sides=_short_sides(2048), max_size=8192, test_short_side=2048,
+                           test_max_size=2048, tta_short_sides=(1024, 2048, 3072), tta_side="long")),
     "coco-panoptic": (133, dict(dataset="coco-panoptic", iters=554_400, batch_size=64, lr_schedule="step",
                                 lr_steps=(369_600,), crop_size=(800, 1216),  # eval-size canvas; DETR aug
-                                short_sides=tuple(range(480, 801, 32)), max_size=1333, test_short_side=800)),
+                                short_sides=tuple(range(480, 801, 32)), max_size=1333, test_short_side=800,
+                                test_max_size=1333)),
     "ade20k-panoptic": (150, dict(dataset="ade20k-panoptic", iters=720_000, crop_size=(640, 640),
-                                  short_sides=_short_sides(640), max_size=2560, test_short_side=640,
-                                  object_mask_threshold=0.7)),
+                                  short_sides=_short_sides(640), max_size=2560, object_mask_threshold=0.7,
+                                  **TEST_640)),
 }
 PANOPTIC = ("coco-panoptic", "ade20k-panoptic")
 MODELS = ("maskformer", "maskformer-fixed", "maskformer-boxmatch", "perpixel", "perpixelplus")
@@ -52,12 +73,13 @@ SMALL_MODEL = dict(conv_dim=64, mask_dim=64, hidden_dim=64, nheads=4, dim_feedfo
                    num_queries=20, dropout=0.0, memory_feature="res3")
 SMALL_DATASETS: dict[str, tuple[int, dict]] = {
     "synthetic": (32, dict(dataset="synthetic", iters=800, crop_size=(64, 64), short_sides=(48, 56, 64, 72, 80),
-                           max_size=160, test_short_side=64, tta_short_sides=(48, 64, 80), lr=1e-3,
+                           max_size=160, test_short_side=64, test_max_size=160, tta_short_sides=(48, 64, 80),
+                           tta_max_size=320, lr=1e-3,
                            backbone_lr_mult=1.0, clip_grad_norm=1.0)),
     "synthetic-panoptic": (32, dict(dataset="synthetic-panoptic", iters=800, crop_size=(64, 64),
                                     short_sides=(48, 56, 64, 72, 80), max_size=160, test_short_side=64,
-                                    tta_short_sides=(48, 64, 80), lr=1e-3, backbone_lr_mult=1.0,
-                                    clip_grad_norm=1.0)),
+                                    test_max_size=160, tta_short_sides=(48, 64, 80), tta_max_size=320, lr=1e-3,
+                                    backbone_lr_mult=1.0, clip_grad_norm=1.0)),
 }
 SMALL_BACKBONES = ("tiny", "tiny8", "r18")
 
@@ -125,7 +147,7 @@ def _make(dataset: str, model: str, backbone: str, num_classes: int, train_field
         base = dataclasses.replace(base, drop_path=0.3)
         train.update(SWIN_TRAIN)
         if backbone in ("swin-b", "swin-l") and dataset == "ade20k":  # Table 1: Swin-B/L at 640
-            train.update(crop_size=(640, 640), short_sides=_short_sides(640), max_size=2560, test_short_side=640)
+            train.update(crop_size=(640, 640), short_sides=_short_sides(640), max_size=2560, **TEST_640)
     if dataset in PANOPTIC and backbone in ("r50", "r101"):
         base = dataclasses.replace(base, enc_layers=6)  # "R50/R101 + 6 Enc"
     model_cfg, loss_cfg = _model_variant(model, num_classes, base)

@@ -79,7 +79,7 @@ def test_bad_input_and_unknown_name():
 
 
 def test_resnet_param_counts():
-    # REFERENCE: MaskFormer R50 41.25M = backbone 23.45M + 7.54M + 10.26M; R101 60.19M -> 42.39M
+    # released models: MaskFormer R50 41.25M = backbone 23.45M + 7.54M + 10.26M; R101 60.19M -> 42.39M
     assert n_params(meta_backbone("r50")) == pytest.approx(23.45e6, rel=0.005)
     r101 = n_params(meta_backbone("r101"))
     assert r101 == pytest.approx(60.19e6 - 41.25e6 + 23.45e6, rel=0.005)
@@ -251,3 +251,31 @@ def test_files_that_do_not_fit(tmp_path):
     torch.save(deeper.state_dict(), tmp_path / "deeper.pth")
     with pytest.raises(ValueError, match="does not fit"):
         load_pretrained(SwinBackbone(**SMALL_SWIN, drop_path=0.0), tmp_path / "deeper.pth")
+
+
+def _res5_convs(backbone):
+    return [(block.conv2.dilation, block.conv2.padding, block.conv2.stride) for block in backbone.layer4]
+
+
+def test_r101c_res5_multi_grid_dilations():
+    """R101c is detectron2's DeepLab ResNet of the released configs: RES5_MULTI_GRID [1, 2, 4] times
+    RES5_DILATION 1 on the 3x3 convs of res5's three blocks; stride 32 kept. R50/R101 are not dilated."""
+    assert _res5_convs(meta_backbone("r101c")) == [((1, 1), (1, 1), (2, 2)), ((2, 2), (2, 2), (1, 1)),
+                                                   ((4, 4), (4, 4), (1, 1))]
+    for name in ("r50", "r101"):
+        assert _res5_convs(meta_backbone(name)) == [((1, 1), (1, 1), (2, 2))] + [((1, 1), (1, 1), (1, 1))] * 2
+    backbone = meta_backbone("r101c")
+    check_pyramid(backbone(torch.empty(1, 3, 128, 96, device="meta")), backbone.out_channels, 1, 128, 96)
+
+
+def test_r101c_dilation_survives_the_fast_frozen_bn_fold():
+    from mfcore import fast
+
+    backbone = meta_backbone("r101c")
+    was = fast.enabled()
+    fast.set_enabled(True)
+    try:
+        fast.accelerate(backbone)
+    finally:
+        fast.set_enabled(was)
+    assert [d for d, _, _ in _res5_convs(backbone)] == [(1, 1), (2, 2), (4, 4)]

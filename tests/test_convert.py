@@ -1,5 +1,5 @@
 """Importing released detectron2 checkpoints: the released names are generated here independently of
-mfcore's code, from REFERENCE.md's description of the files, and must map onto mfcore's state dicts."""
+mfcore's code, from the names in the released `model_final.pkl` files, and must map onto mfcore's state dicts."""
 from __future__ import annotations
 
 import os
@@ -134,7 +134,7 @@ def _check_full_size(preset: str, released: dict[str, tuple]) -> None:
 
 def test_released_r50_ade20k_names_all_map():
     released = {**resnet_names(R50, bottleneck=True), **head_names(150, 100, BOTTLENECK_CHANNELS)}
-    assert len(released) == 410  # REFERENCE.md: MaskFormer R50 ADE20K has 410 entries
+    assert len(released) == 410  # the released MaskFormer R50 ADE20K file has 410 entries
     _check_full_size("ade20k-maskformer-r50", released)
 
 

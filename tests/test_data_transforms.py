@@ -168,3 +168,38 @@ def test_collate_pads_images_labels_and_masks():
 def test_pad_to_size_leaves_large_images_alone():
     out = PadToSize((8, 8))(_sample(_blocks(10, 12)))
     assert out["image"].shape == (3, 10, 12)
+
+
+def test_ade20k_full_padding_carries_its_ignore_label_not_class_255():
+    """ADE20K-Full has 847 classes, so 255 is a class: the crop padding and the batch padding of its
+    preset's training pipeline must carry the dataset's ignore label (65535) and give no target."""
+    from mfcore.data.base import ignore_label_for
+    from mfcore.presets import get_preset
+
+    cfg = get_preset("ade20k-full-maskformer-r50").train
+    assert cfg.ignore_label == ignore_label_for(847) == 65535
+    torch.manual_seed(0)
+    labels = torch.full((40, 48), 300, dtype=torch.int64)
+    labels[:, 24:] = 254
+    transform = build_train_transform(64, (40,), cfg.max_size, ignore_label=cfg.ignore_label, photometric=False,
+                                      flip=False)
+    sample = transform(_sample(labels))
+    sem = sample["sem_seg"].as_subclass(torch.Tensor)
+    assert sem.shape == (64, 64)
+    assert (sem[40:] == 65535).all() and (sem[:, 48:] == 65535).all()  # crop padding
+    found, _ = semantic_targets(sem, cfg.ignore_label)
+    assert found.tolist() == [254, 300]  # no "class 255" from the padding
+    sample["image"] = sample["image"].float()
+    sample["labels"], sample["masks"] = semantic_targets(sem, cfg.ignore_label)
+    _, targets = collate([sample], size_divisibility=96, ignore_label=cfg.ignore_label)  # batch padding
+    assert targets[0]["sem_seg"].shape == (96, 96)
+    assert (targets[0]["sem_seg"][64:] == 65535).all() and (targets[0]["sem_seg"][:, 64:] == 65535).all()
+    assert not (targets[0]["sem_seg"] == 255).any()
+
+
+def test_padding_uses_a_non_255_ignore_label():
+    labels = torch.zeros(10, 12, dtype=torch.int64)
+    padded = PadToSize((16, 16), ignore_label=1000)({"image": tv_tensors.Image(_colour(labels)),
+                                                     "sem_seg": tv_tensors.Mask(labels)})
+    sem = padded["sem_seg"].as_subclass(torch.Tensor)
+    assert (sem[10:] == 1000).all() and (sem[:, 12:] == 1000).all() and (sem[:10, :12] == 0).all()

@@ -319,3 +319,16 @@ def test_panoptic_queries_decide_what_panoptic_inference_keeps():
         # the overlap rule on exact integers, as a reader would check it by hand
         own, won = int((masks[q].sigmoid() >= 0.5).sum()), int((queries["winner"] == j).sum())
         assert (queries["status"][q] == "kept") == (won > 0 and own > 0 and won >= 0.8 * own)
+
+
+def test_tta_long_side_scales_resize_the_long_side():
+    """Mapillary's multi-scale test: each size is the long side (0.5, 1.0, 1.5 x 2048), not the short one."""
+    image = torch.rand(3, 32, 64) * 255
+    model = PooledPixelModel().eval()
+    seen = []
+    model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape[-2:])))
+    long = predict_semantic_tta(model, image, short_sides=(32, 64, 96), flip=False, long_side=True)
+    assert seen == [(32, 32), (32, 64), (64, 96)]  # resized 16x32, 32x64, 48x96, padded to multiples of 32
+    expected = sum(predict_semantic(model, resize_shortest_edge(image, s, s), output_size=(32, 64))
+                   for s in (32, 64, 96)) / 3
+    torch.testing.assert_close(long, expected)

@@ -252,3 +252,41 @@ def test_per_pixel_aux_and_all_ignored():
     assert losses["loss_ce"].item() == 0
     total_loss(losses, crit.weight_dict).backward()
     assert logits.grad is not None
+
+
+@pytest.mark.parametrize("fast_on", [False, True])
+@pytest.mark.parametrize("kind,num_points", [("hungarian", None), ("hungarian", 16), ("fixed", None), ("fixed", 16),
+                                             ("box", None), ("box", 16), ("perpixel", None)])
+def test_criterion_runs_in_float64(kind, num_points, fast_on):
+    """`criterion.double()` on float64 outputs: every term in float64, gradients too (point-sampled masks
+    included), with the speed paths on and off."""
+    from mfcore import fast
+
+    was = fast.enabled()
+    fast.set_enabled(fast_on)
+    try:
+        torch.manual_seed(0)
+        k, batch = 4, 2
+        n = k if kind == "fixed" else 6
+        criterion = fast.build_criterion(kind, k, n, num_points=num_points, dec_layers=2).double()
+        leaves = {"pred_logits": torch.randn(batch, n, k + 1, dtype=torch.float64),
+                  "pred_masks": torch.randn(batch, n, 4, 4, dtype=torch.float64),
+                  "pred_boxes": torch.rand(batch, n, 4, dtype=torch.float64),
+                  "sem_seg_logits": torch.randn(batch, k, 4, 4, dtype=torch.float64)}
+        for v in leaves.values():
+            v.requires_grad_(True)
+        outputs = {**leaves, "aux_outputs": [{name: v * 1.5 for name, v in leaves.items()}]}
+        targets = []
+        for b in range(batch):
+            sem = torch.randint(0, k, (16, 16))
+            sem[:3] = 255
+            labels = sem.unique()
+            labels = labels[labels != 255]
+            targets.append({"labels": labels, "masks": sem[None] == labels[:, None, None], "sem_seg": sem})
+        losses = criterion(outputs, targets)
+        assert all(v.dtype == torch.float64 for v in losses.values()), {n: v.dtype for n, v in losses.items()}
+        total_loss(losses, criterion.weight_dict).backward()
+        used = ("sem_seg_logits",) if kind == "perpixel" else ("pred_logits", "pred_masks")
+        assert all(leaves[name].grad is not None and leaves[name].grad.dtype == torch.float64 for name in used)
+    finally:
+        fast.set_enabled(was)

@@ -152,3 +152,22 @@ def test_box_matcher_recovers_permutation():
     with pytest.raises(ValueError, match="pred_boxes"):
         BoxMatcher()({"pred_logits": outputs["pred_logits"]}, targets)
 
+
+
+def test_box_targets_are_normalised_by_the_image_size_not_the_padded_size():
+    """DETR normalises box targets by the image before batch padding (Table 5's box matching)."""
+    from mfcore.data import collate
+
+    def sample(h, w):
+        masks = torch.zeros(2, h, w, dtype=torch.bool)
+        masks[0] = True                      # the whole image
+        masks[1, : h // 2, w // 4: w // 2] = True  # top half, second quarter of the width
+        return {"image": torch.zeros(3, h, w), "sem_seg": torch.zeros(h, w, dtype=torch.int64),
+                "labels": torch.tensor([0, 1]), "masks": masks}
+
+    _, targets = collate([sample(32, 48), sample(64, 64)])
+    assert targets[0]["masks"].shape[-2:] == (64, 64) and targets[0]["image_size"] == (32, 48)
+    expected = torch.tensor([[0.5, 0.5, 1.0, 1.0], [0.375, 0.25, 0.25, 0.5]])
+    torch.testing.assert_close(target_boxes(targets[0]), expected)
+    torch.testing.assert_close(target_boxes(targets[1]), expected)
+    torch.testing.assert_close(masks_to_cxcywh(targets[0]["masks"], (32, 48)), expected)

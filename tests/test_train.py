@@ -247,6 +247,40 @@ def test_k_comes_from_the_data_and_an_explicit_mismatch_is_an_error(data_root, t
               model_overrides=dict(SMALL_MODEL, num_classes=32), progress="off")
 
 
+def test_padding_label_must_be_the_datasets_ignore_label(data_root, tmp_path):
+    """Crops and batches are padded with TrainConfig.ignore_label: one that is not the data's ignore label
+    (ADE20K-Full: 65535, 255 being a class there) would turn the padding into a class, so it is refused."""
+    with pytest.raises(ValueError, match=r"ignore_label=65535 but the synthetic data marks unlabelled pixels 255"):
+        train("synthetic-maskformer-tiny", tmp_path, data_root, train_overrides=dict(FAST, iters=1, ignore_label=65535),
+              model_overrides=SMALL_MODEL, progress="off")
+
+
+def test_evaluation_uses_the_presets_test_sizes(data_root, tmp_path, monkeypatch):
+    """Single-scale: test_short_side / test_max_size; multi-scale: tta_short_sides / tta_max_size / tta_side."""
+    import mfcore.training.evaluate as ev
+
+    train("synthetic-maskformer-tiny", tmp_path, data_root, model_overrides=SMALL_MODEL, progress="off",
+          train_overrides=dict(FAST, iters=1, test_max_size=40, tta_short_sides=(32, 48), tta_max_size=50,
+                               tta_side="long"))
+    calls = {"single": [], "tta": []}
+    resize, tta = ev.resize_shortest_edge, ev.predict_semantic_tta
+
+    def spy_resize(image, short_side, max_size):
+        calls["single"].append((short_side, max_size))
+        return resize(image, short_side, max_size)
+
+    def spy_tta(model, image, short_sides, flip, max_size, **kwargs):
+        calls["tta"].append((tuple(short_sides), flip, max_size, kwargs))
+        return tta(model, image, short_sides, flip, max_size, **kwargs)
+
+    monkeypatch.setattr(ev, "resize_shortest_edge", spy_resize)
+    monkeypatch.setattr(ev, "predict_semantic_tta", spy_tta)
+    evaluate(tmp_path / "last.pt", data_root, max_images=1)
+    evaluate(tmp_path / "last.pt", data_root, tta=True, max_images=1)
+    assert calls["single"][0] == (32, 40)
+    assert calls["tta"] == [((32, 48), True, 50, {"long_side": True})]
+
+
 def test_refuses_to_overwrite_or_resume_a_different_run(data_root, tmp_path):
     train("synthetic-maskformer-tiny", tmp_path, data_root, train_overrides=dict(FAST, iters=1),
           model_overrides=SMALL_MODEL, progress="off")

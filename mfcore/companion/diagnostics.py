@@ -95,7 +95,7 @@ def matching_diagnostic(model: nn.Module, dataset: Any, cfg: TrainConfig, matche
         sample = dataset[index]
         gt = sample["sem_seg"]
         out_size = tuple(gt.shape[-2:])
-        resized = resize_shortest_edge(sample["image"].to(device), cfg.test_short_side, cfg.max_size)
+        resized = resize_shortest_edge(sample["image"].to(device), cfg.test_short_side, cfg.test_max_size)
         if mask_classification:
             logits, masks = mask_predictions(model, resized, out_size)
             diag.update(logits, masks, sample["labels"].to(device), sample["masks"].to(device), gt)

@@ -1,4 +1,4 @@
-"""The paper's numbers: the "paper" column of every reproduced table (REFERENCE.md, read from the paper).
+"""The paper's numbers: the "paper" column of every reproduced table (read from the paper's tables).
 
 Semantic entries are (mIoU, PQ^St); panoptic entries are (PQ, PQ^Th, PQ^St[, SQ, RQ]).
 """

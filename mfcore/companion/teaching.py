@@ -276,7 +276,7 @@ def shape_table(model: nn.Module, images: Tensor) -> pd.DataFrame:
 
 PAPER_MODELS = (*(f"ade20k-maskformer-{b}" for b in ("r50", "r101", "r101c", "swin-t", "swin-s", "swin-b", "swin-l")),
                 "ade20k-perpixel-r50", "ade20k-perpixelplus-r50", "coco-panoptic-maskformer-r50")
-# The baselines' parameter counts from the paper's appendix (REFERENCE.md "Parameter counts"); no FLOPs given.
+# The baselines' parameter counts: the released models counted (the paper gives no FLOPs for them).
 BASELINE_PARAMS_M = {"ade20k-perpixel-r50": 31.03, "ade20k-perpixelplus-r50": 41.23}
 # MaskFormer R50 (150 classes) per module, same source; "predictor" is the paper's transformer module.
 R50_PARAMS_BY_MODULE_M = {"backbone": 23.45, "pixel_decoder": 7.54, "predictor": 10.26, "total": 41.25}

@@ -9,7 +9,7 @@ computation runs a few output rows at a time, so every intermediate stays in cac
     labels[h, w] = argmax_c  sum_i softmax(p_i)[c] * sigmoid(m_i[h, w])       (paper Sec. 3.4)
 
 with m_i the mask logits bilinearly upsampled to the padded input, the padding cropped and the result
-resized to the output size (REFERENCE.md), all with align_corners=False. Bilinear resizing is separable:
+resized to the output size (the released semantic inference), all with align_corners=False. Bilinear resizing is separable:
 the width is resized once for the whole map by F.interpolate (the height left as it is), and the height
 tile by tile as a product with the rows of a resize matrix (`mask_loss.interpolation_matrix`), which
 touches only the few low-resolution rows a tile needs. The values equal the unfused path's up to float

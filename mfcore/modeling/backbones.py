@@ -9,7 +9,10 @@ and exposes the channels as `out_channels = {"res2": C2, ..., "res5": C5}`.
 
 The paper's backbones (Sec. 4, Table 1), built from timm with timm/torchvision parameter names:
   r50, r101     ResNet, stride in the 3x3 conv, frozen BatchNorm (statistics and affine are buffers).
-  r101c         R101 whose 7x7 stem is the "DeepLab stem": 3x3 convs 3->64 (stride 2)->64->128.
+  r101c         R101 as detectron2's DeepLab ResNet of the released R101c configs: the 7x7 stem is the
+                "DeepLab stem", 3x3 convs 3->64 (stride 2)->64->128 (MODEL.RESNETS.STEM_TYPE "deeplab"),
+                and res5's three blocks dilate their 3x3 convs by the multi-grid (1, 2, 4) times the stage
+                dilation 1 (RES5_MULTI_GRID [1, 2, 4], RES5_DILATION 1), so res5 keeps stride 32.
   swin-t/s/b/l  Swin Transformer, patch 4, window 7 (T, S) or 12 (B, L: the 384-pretrained models),
                 feature maps padded to whole windows as in the released segmentation code, and a
                 LayerNorm (norm0..norm3) on each of the four outputs.
@@ -55,6 +58,10 @@ SWIN_SPECS = {
     "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
 }
 BACKBONES: tuple[str, ...] = ("r50", "r101", "r101c", *SWIN_SPECS, "r18", "tiny", "tiny8")
+# R101c's res5 (released config MODEL.RESNETS.RES5_DILATION: 1, RES5_MULTI_GRID: [1, 2, 4]): the dilation of
+# block j's 3x3 conv is RES5_DILATION * RES5_MULTI_GRID[j]
+R101C_RES5_DILATION = 1
+R101C_RES5_MULTI_GRID = (1, 2, 4)
 
 
 class Backbone(nn.Module):
@@ -119,11 +126,18 @@ def conv_bn_pairs(net: ResNet | ResNetBackbone) -> list[tuple[nn.Module, nn.Modu
 
 
 def _resnet(depths: tuple[int, ...], bottleneck: bool, frozen_bn: bool, deep_stem: bool,
-            drop_path: float) -> ResNetBackbone:
+            drop_path: float, res5_dilations: tuple[int, ...] | None = None) -> ResNetBackbone:
+    """res5_dilations: one dilation per res5 block for its 3x3 conv (padding = dilation, so the sizes and the
+    stride are unchanged); None: all 1."""
     net = ResNet(Bottleneck if bottleneck else TimmBasicBlock, depths, num_classes=0, global_pool="",
                  stem_type="deep" if deep_stem else "", stem_width=64, drop_path_rate=drop_path,
                  # timm zeroes the last BN weight of each block; a frozen zero would kill the block forever
                  zero_init_last=False)
+    if res5_dilations is not None:
+        if len(res5_dilations) != len(net.layer4):
+            raise ValueError(f"res5_dilations {res5_dilations}: expected one per res5 block ({len(net.layer4)})")
+        for block, dilation in zip(net.layer4, res5_dilations):
+            block.conv2.dilation = block.conv2.padding = (dilation, dilation)
     if frozen_bn:
         # BN(x) = (x - mean) / sqrt(var + eps) * weight + bias with all four held as buffers
         net = freeze_batch_norm_2d(net)
@@ -308,8 +322,9 @@ def build_backbone(name: str, pretrained: str | Path | None = None, drop_path: f
                            drop_path=drop_path)
     else:
         depths = (3, 4, 6, 3) if name == "r50" else (3, 4, 23, 3)
+        dilations = tuple(R101C_RES5_DILATION * g for g in R101C_RES5_MULTI_GRID) if name == "r101c" else None
         backbone = _resnet(depths, bottleneck=True, frozen_bn=True, deep_stem=name == "r101c",
-                           drop_path=drop_path)
+                           drop_path=drop_path, res5_dilations=dilations)
     if pretrained is not None:
         load_pretrained(backbone, pretrained)
     return backbone

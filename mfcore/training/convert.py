@@ -1,8 +1,8 @@
 """Import the authors' released detectron2 checkpoints (`model_final.pkl`) into an mfcore checkpoint.
 
 A released file is a pickled dict whose "model" entry maps parameter names to numpy arrays. mfcore's
-module names mirror the released ones, so the conversion is a list of renames (REFERENCE.md, "The
-authors' released checkpoints"):
+module names mirror the released ones, so the conversion is a list of renames (the names of the released
+`model_final.pkl` state dicts):
 
     released (detectron2)                                  mfcore
     backbone.stem.conv1.weight / .norm.*                   backbone.conv1.weight / backbone.bn1.*

@@ -145,11 +145,11 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
         gt = sample["sem_seg"]
         out_size = tuple(gt.shape[-2:])
         image = sample["image"].to(device)
-        resized = resize_shortest_edge(image, cfg.test_short_side, cfg.max_size)
+        resized = resize_shortest_edge(image, cfg.test_short_side, cfg.test_max_size)
         logits = masks = None
         if tta:
-            # long side capped at 4x the largest short side: 3584 for ADE20K's 896, as the released test
-            pred = predict_semantic_tta(model, image, cfg.tta_short_sides, True, 4 * max(cfg.tta_short_sides)).argmax(0)
+            pred = predict_semantic_tta(model, image, cfg.tta_short_sides, True, cfg.tta_max_size,
+                                        long_side=cfg.tta_side == "long").argmax(0)
         elif mask_classification and inference == "semantic" and pq is None:
             pred = mask_labels(model, resized, out_size)  # no full-resolution masks needed
         elif mask_classification:

@@ -244,6 +244,10 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
             train_set = build_run_dataset(cfg.dataset, data_root, "train", transform)
             val_set = build_run_dataset(cfg.dataset, data_root, "val")
         du.barrier()
+    if train_set.ignore_label != cfg.ignore_label:  # crops and batches are padded with cfg.ignore_label
+        raise ValueError(f"ignore_label={cfg.ignore_label} but the {cfg.dataset} data marks unlabelled pixels "
+                         f"{train_set.ignore_label}: the padding would become a class; set ignore_label="
+                         f"{train_set.ignore_label}")
     model_cfg = adapt_to_data(override(base, train=cfg), model_cfg, train_set.num_classes, model_overrides)
     loss_cfg = override(base.loss, **(loss_overrides or {}))
     run_config = config_dict(base.name, model_cfg, loss_cfg, cfg)
