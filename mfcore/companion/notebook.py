@@ -31,8 +31,10 @@ def setup(profile: str, results_dir: str, data_root: str, device: str, progress:
 def show_table(table: Table, ctx: Context) -> Table:
     """Write `table` (CSV + Markdown under the results folder) and display it: as Markdown in a notebook
     front end, as plain text in a batch log."""
-    from IPython.display import Markdown, display
+    from IPython.display import display
 
     write_table(table, ctx.results_dir)
-    display(Markdown(table.markdown()))
+    text = table.markdown()
+    # the front end renders the Markdown; a batch log (papermill prints text/plain) gets the same pipe table as text
+    display({"text/markdown": text, "text/plain": text}, raw=True)
     return table
