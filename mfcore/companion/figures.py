@@ -38,7 +38,11 @@ def plot_predictions(predictions: Sequence[Mapping], class_names: Sequence[str],
         gt = pred.get("gt")
         row[2].imshow(colorize(gt, k, ignore) if gt is not None else np.zeros_like(pred["image"]))
         maps += [semantic] + ([gt] if gt is not None else [])
-        for ax, title in zip(row, ("image", "semantic inference", "ground truth")):
+        middle = "semantic inference"
+        if gt is not None and (np.asarray(gt) != ignore).any():  # how good it is, said where a reader looks
+            labelled = np.asarray(gt) != ignore
+            middle += f"\n{100 * float((semantic == np.asarray(gt))[labelled].mean()):.0f}% of labelled pixels right"
+        for ax, title in zip(row, ("image", middle, "ground truth")):
             bare_axes(ax, title)
     classes, ignored = present_classes(maps, k, ignore)
     class_legend(fig, class_names, classes, ignore=ignored)
