@@ -3,6 +3,7 @@
 #                    DATA_ROOT=..., NPROC=...)
 #   make test        run the test suite
 #   make lab         open the notebooks in JupyterLab (from .venv)
+#   make test-browser notebook 08 in JupyterLab under headless Chromium (needs chromium, chromium-driver)
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ DEVICE ?= auto
 DATA_ROOT ?=
 NPROC ?= 1
 
-.PHONY: venv test reproduce lab bench clean-results
+.PHONY: venv test test-browser reproduce lab bench clean-results
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,11 @@ test: venv
 
 reproduce: venv
 	$(PY) -m mfcore reproduce --profile $(PROFILE) --device $(DEVICE) --data-root "$(DATA_ROOT)" --nproc-per-node $(NPROC)
+
+# notebook 08 in a real JupyterLab under headless Chromium (apt-get install chromium chromium-driver); not in CI
+test-browser: venv
+	$(PY) -m pip install --quiet -e ".[browser]"
+	$(PY) tests/browser_check.py
 
 lab: venv
 	cd notebooks && ../$(VENV)/bin/jupyter lab

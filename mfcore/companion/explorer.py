@@ -275,7 +275,10 @@ class QueryExplorer:
         if _clickable_backend():  # e.g. %matplotlib widget: clicks on the image select a pixel
             import matplotlib.pyplot as plt
             with plt.ioff():  # shown once, inside the widget box, not again by pyplot
-                self._figure = plt.figure(figsize=FIGSIZE, layout="constrained")
+                # 80 dpi: the four panels fit a notebook's width (ipympl draws at the figure's pixel size)
+                self._figure = plt.figure(figsize=FIGSIZE, dpi=80, layout="constrained")
+            if hasattr(self._figure.canvas, "header_visible"):  # ipympl's "Figure 1" title bar says nothing here
+                self._figure.canvas.header_visible = False
             self._figure.canvas.mpl_connect("button_press_event", self._on_click)
             if isinstance(self._figure.canvas, w.DOMWidget):
                 children.append(self._figure.canvas)
