@@ -229,7 +229,7 @@ class QueryExplorer:
         axes[2].set_title(self._semantic_title(s), fontsize=9)
         axes[3].imshow(self._panoptic_colors())
         self._outline(axes[3], self.panoptic_owner == q)
-        axes[3].set_title(f"panoptic: {s['panoptic_status']}, won {int(self.won[q])} px (mask {s['mask_area']} px)",
+        axes[3].set_title(f"panoptic: {s['panoptic_status']}\nwon {int(self.won[q])} px (mask {s['mask_area']} px)",
                           fontsize=9)
         for ax in axes[[0, 2, 3]]:
             ax.set_xticks([])
