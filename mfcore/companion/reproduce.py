@@ -7,6 +7,11 @@ interactive=False, cache_dir) and writes its tables and figures itself (atomical
 `results/executed/<profile>/` (git-ignored). A failing notebook stops the pipeline with the notebook and
 cell named; its executed copy is kept for inspection. Finished training runs are cached, so a rerun
 only does what is missing.
+
+Before any work the profile's requirements are checked (`experiments.check_requirements`: a GPU for a cuda
+profile, DATA_ROOT and its dataset folders for paper). The log is the notebooks' own output, one line per printed
+line (`log_lines`), with the kernel's harmless warnings dropped (`is_kernel_noise`), and starts with an estimate
+(`estimate`). `results/reproduce_<profile>.json` is written only by a full run that trained every run itself.
 """
 from __future__ import annotations
 
