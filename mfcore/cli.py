@@ -234,13 +234,14 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 
 def _tables(args: argparse.Namespace) -> None:
-    from mfcore.companion.experiments import make_context, train_runs
+    from mfcore.companion.experiments import check_requirements, make_context, train_runs
     from mfcore.companion.tables import TABLES, planned_runs, write_table
 
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters}
     ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "log",
                        args.nproc_per_node, {k: v for k, v in overrides.items() if v is not None}, args.cache_dir)
     names = args.names or list(TABLES)
+    check_requirements(ctx, args.names or None)  # before any work: no GPU, paper data missing
     train_runs(ctx, planned_runs(ctx, names), args.workers or ctx.profile.parallel_runs)
     for name in names:
         table = TABLES[name](ctx)

@@ -213,3 +213,53 @@ def test_clicks_on_a_live_figure_select_the_pixel(monkeypatch):
         assert len(ex._figure.axes) == 4 and ex.renders == 2  # redrawn in place
     finally:
         plt.close(ex._figure)
+
+
+def test_a_pixel_selected_before_display_moves_the_query_slider():
+    ex = QueryExplorer([scene()], ["a", "b", "c"], thing_ids=[0], interactive=True, object_threshold=0.5)
+    assert ex.select_pixel(3, 3) == 3
+    assert ex.widgets["query"].value == 3 and ex.renders == 0  # set, not redrawn: display draws once
+    ex.select_query(1)
+    ex.set_thresholds(object_threshold=0.6)
+    assert ex.widgets["query"].value == 1 and ex.widgets["object_threshold"].value == 0.6 and ex.renders == 0
+
+
+def test_class_names_keep_clear_of_the_image_panel():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    names = ["a class with a rather long name", "another very long class name indeed", "c"]
+    ex = QueryExplorer([scene()], names, interactive=False, object_threshold=0.5)
+    fig = ex.render()
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    image_right = fig.axes[0].get_window_extent(renderer).x1
+    labels = [t for t in fig.axes[1].get_yticklabels() if t.get_text()]
+    assert labels and all(t.get_window_extent(renderer).x0 >= image_right for t in labels)
+    assert max(len(t.get_text()) for t in labels) <= 22  # long names are cut
+
+
+def test_a_no_object_query_owning_a_pixel_is_described_as_such():
+    """q2 (no object, mask everywhere) is the only query with a mask at (3, 0) once q0 and q4 are gone: it
+    contributes most to the semantic label there although its own top class is never a label."""
+    pred = scene()
+    pred["pred_masks"][0][:] = -BIG
+    pred["pred_masks"][4][:] = -BIG
+    ex = QueryExplorer([pred], ["a", "b", "c"], thing_ids=[0], interactive=False, object_threshold=0.5)
+    assert ex.select_pixel(3, 0) == 2 and ex.state()["pixel_source"] == "semantic"
+    s = ex.state()
+    assert s["no_object"] and s["query_class_name"] == "no object"
+    assert s["owned_pixels"] > 0 and s["owned_classes"]
+    title = ex.render().axes[2].get_title()
+    assert "no object" in title and "0.0%" not in title and f"{100 * s['owned_share']:.1f}%" in title
+
+
+def test_widget_backend_only_in_a_notebook_front_end(monkeypatch):
+    import matplotlib
+
+    from mfcore.companion import notebook
+
+    backend = matplotlib.get_backend()
+    assert notebook.use_widget_backend() is False  # no IPython kernel here: the backend stays
+    monkeypatch.setitem(sys.modules, "ipympl", None)
+    assert notebook.use_widget_backend() is False
+    assert matplotlib.get_backend() == backend

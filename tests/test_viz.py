@@ -134,9 +134,10 @@ def test_query_examples_prefer_distinct_categories():
 def test_plot_matching_outlines_assignments():
     cost = np.array([[1.0, 5.0], [4.0, 2.0], [0.5, 0.5]])
     fig = viz.plot_matching(cost, {"Hungarian": ([0, 1], [0, 1]), "fixed": ([2, 1], [0, 1])})
-    assert len(fig.axes) == 2
-    assert fig.axes[0].get_title() == "Hungarian: total cost 3.00"
-    assert fig.axes[1].get_title() == "fixed: total cost 2.50"
+    assert len(fig.axes) == 3  # two panels and one colour bar
+    assert fig.axes[0].get_title() == "Hungarian\ntotal cost 3.00"
+    assert fig.axes[1].get_title() == "fixed\ntotal cost 2.50"
+    assert fig.axes[2].get_ylabel().startswith("matching cost")
     assert [(p.get_x(), p.get_y()) for p in fig.axes[1].patches] == [(-0.5, 1.5), (0.5, 0.5)]
 
 
@@ -248,3 +249,77 @@ def test_collect_predictions_matches_the_model_and_restores_its_mode(tiny_model)
     np.testing.assert_allclose(preds[0]["pred_masks"], masks.numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="num_images"):
         collect_predictions(tiny_model, TinyDataset(), num_images=0)
+
+
+def _text_fits(fig) -> None:
+    """Every title and tick label lies inside the figure and no two titles overlap."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    renderer = fig.canvas.get_renderer()
+    width, height = fig.bbox.width, fig.bbox.height
+    titles = [ax.title.get_window_extent(renderer) for ax in fig.axes if ax.get_title()]
+    for box in titles:
+        assert box.x0 >= -1 and box.x1 <= width + 1 and box.y1 <= height + 1
+    for i, a in enumerate(titles):
+        for b in titles[i + 1:]:
+            assert not a.overlaps(b), "titles overlap"
+
+
+def test_matching_titles_fit_with_long_names():
+    rng = np.random.default_rng(0)
+    fig = viz.plot_matching(rng.random((6, 3)), {"Hungarian": ([0, 3, 5], [2, 0, 1]),
+                                                 "fixed (query i = class i)": ([1, 2, 4], [0, 1, 2])},
+                            col_names=["class 1", "class 2", "class 4"])
+    _text_fits(fig)
+    assert [t.get_rotation() for t in fig.axes[0].get_xticklabels()] == [0, 0, 0]  # short names stay level
+
+
+def test_class_legend_names_the_classes_shown_and_black():
+    labels = np.array([[0, 2], [255, 2]])
+    classes, ignored = viz.present_classes([labels], 3)
+    assert classes == [0, 2] and ignored
+    fig = Figure(layout="constrained")
+    fig.subplots()
+    legend = viz.class_legend(fig, ["sky", "grass", "cow"], classes, ignore=ignored)
+    texts = [t.get_text() for t in legend.get_texts()]
+    assert texts[:2] == ["sky", "cow"] and texts[-1].startswith("black: ignore")
+
+
+def test_table2_trend_ticks_at_the_k_values():
+    import pandas as pd
+
+    from mfcore.companion.figures import plot_table2_trend
+
+    frame = pd.DataFrame({"K": [8, 32, 64] * 2, "model": ["A"] * 3 + ["B"] * 3,
+                          "paper setting": ["Cityscapes (19 classes)", "ADE20K (150 classes)",
+                                            "ADE20K-Full (847 classes)"] * 2,
+                          "mIoU ours": [70, 50, 30, 60, 40, 20], "mIoU paper": [80, 45, 17, 78, 42, 14]})
+    fig = plot_table2_trend(frame)
+    ours, theirs = fig.axes[:2]
+    assert [t.get_text() for t in ours.get_xticklabels()] == ["8", "32", "64"]
+    assert [t.get_text() for t in theirs.get_xticklabels()] == ["19", "150", "847"]
+    assert not ours.xaxis.get_minor_ticks()
+
+
+def test_query_examples_of_a_weak_model_show_the_most_confident_queries():
+    rng = np.random.default_rng(0)
+    preds = [{"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8),
+              "pred_logits": logits_for([K, K, K], high=4.0), "pred_masks": np.full((3, 4, 4), 1.0, np.float32)}]
+    preds[0]["pred_logits"][1, 2] = 2.0  # q1's best category: c, still far below "no object"
+    assert query_stats.query_examples(preds, prob_threshold=0.5, num_queries=1) == {
+        1: [(0, 2, pytest.approx(float(torch.tensor(preds[0]["pred_logits"][1]).softmax(-1)[2])))]}
+    fig = query_stats.plot_query_examples(preds, query_stats.query_examples(preds, num_queries=2), ["a", "b", "c"])
+    assert "weak model" in fig.get_suptitle() and len(fig.axes) == 2
+
+
+def test_empty_inference_panels_say_what_the_threshold_left():
+    from mfcore.companion.figures import plot_inference_modes
+
+    rng = np.random.default_rng(0)
+    pred = {"image": rng.integers(0, 255, (4, 4, 3), dtype=np.uint8), "pred_logits": logits_for([K, K, K]),
+            "pred_masks": np.full((3, 4, 4), 1.0, np.float32), "gt": np.zeros((4, 4), np.int64)}
+    fig = plot_inference_modes([pred], ["a", "b", "c"], [0])
+    assert fig.axes[3].get_title() == "panoptic: 0 segment(s)\nabove threshold 0.8"
+    assert "general: 0 class(es)" in fig.axes[2].get_title()
+    assert any("nothing kept" in t.get_text() for t in fig.axes[3].texts)

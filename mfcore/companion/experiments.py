@@ -46,6 +46,7 @@ class Context:
     device: str = "auto"
     progress: str = "log"
     nproc_per_node: int = 1         # >1: each run is launched with torchrun (paper profile)
+    check_data: bool = True         # False: paper_spec names the dataset folder without requiring it (planning)
 
     @property
     def runs_dir(self) -> Path:
@@ -109,7 +110,7 @@ def paper_spec(ctx: Context, preset: str, seed: int = 0, **model_overrides: Any)
                          "(e.g. data_root/ade20k/ADEChallengeData2016); see data/README.md")
     dataset = get_preset(preset).train.dataset
     root = Path(ctx.data_root) / dataset
-    if not root.is_dir():
+    if ctx.check_data and not root.is_dir():
         raise FileNotFoundError(f"paper profile: dataset {dataset!r} expected at {root} (see data/README.md)")
     tag = "-".join(f"{k}{v}" for k, v in sorted(model_overrides.items()))
     return RunSpec(f"{preset}{('-' + tag) if tag else ''}-s{seed}", preset, str(root), {"seed": seed}, model_overrides)
@@ -123,7 +124,7 @@ def run(ctx: Context, spec: RunSpec, on_log: Callable[[list[dict]], None] | None
     if final.is_file():
         done = json.loads(final.read_text())
         if done.get("spec") == spec.as_dict():
-            return done
+            return {**done, "cached": True}
         raise ValueError(f"{out} holds a finished run of a different spec; delete it or use another results_dir")
     resume = (out / "last.pt").is_file()
     start = time.perf_counter()
@@ -141,7 +142,14 @@ def run(ctx: Context, spec: RunSpec, on_log: Callable[[list[dict]], None] | None
         result = {"metrics": result["eval"], "iteration": result["iteration"], "config": result["config"]}
     done = {"spec": spec.as_dict(), **result, "seconds": round(time.perf_counter() - start, 1)}
     write_json(final, done)
-    return done
+    return {**done, "cached": False}
+
+
+def cached_seconds(result: dict) -> float:
+    """The seconds a run's result adds to the wall time of whoever asked for it: its stored training +
+    evaluation time when it was finished before (`cached`), 0 when it was trained just now (that time is
+    already in the caller's own clock). Summing this over a table's runs counts each run once."""
+    return result["seconds"] if result.get("cached", True) else 0.0
 
 
 def _run_torchrun(ctx: Context, spec: RunSpec, out: Path, resume: bool) -> dict:
@@ -163,9 +171,11 @@ def _run_torchrun(ctx: Context, spec: RunSpec, out: Path, resume: bool) -> dict:
 
 def run_seeds(ctx: Context, specs: list[RunSpec]) -> dict:
     """Run every spec (one per seed) and return the median of each semantic/panoptic summary metric,
-    plus the per-seed values: {"semantic": {...}, "panoptic": {...}, "runs": [...]}."""
+    plus the per-seed values: {"semantic": {...}, "panoptic": {...}, "runs": [...], "seconds": training +
+    evaluation of all of them, "cached_seconds": of those finished before this call (`cached_seconds`)}."""
     results = [run(ctx, s) for s in specs]
-    summary: dict = {"runs": [s.name for s in specs], "seconds": sum(r["seconds"] for r in results)}
+    summary: dict = {"runs": [s.name for s in specs], "seconds": sum(r["seconds"] for r in results),
+                     "cached_seconds": sum(cached_seconds(r) for r in results)}
     for part in ("semantic", "panoptic"):
         rows = [r["metrics"][part] for r in results if part in r["metrics"]]
         if rows:
@@ -232,6 +242,43 @@ def make_context(profile: str = "quick", results_dir: str = "", data_root: str |
                    data_root=data_root or None,
                    device=prof.device if device == "auto" else device, progress=progress,
                    nproc_per_node=nproc_per_node)
+
+
+class RequirementError(ValueError):
+    """A profile cannot run on this machine or with these arguments (`check_requirements`)."""
+
+
+def check_requirements(ctx: Context, tables: list[str] | None = None) -> None:
+    """Refuse, before any work, a profile this machine or these arguments cannot run: a CUDA device without a GPU,
+    the paper profile without `data_root` or with a data_root lacking a dataset folder the runs of `tables`
+    (default: all, plus the notebooks' reference runs) read. Raises RequirementError (the CLI: one line, exit 2)."""
+    p = ctx.profile
+    device = str(ctx.device)
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise RequirementError(
+                f"no GPU: profile {p.name} runs on {device} and this machine has no CUDA device "
+                f"(torch.cuda.is_available() is False); use make reproduce PROFILE={p.name} DEVICE=cpu "
+                f"(--device cpu) to run it on the CPU, or PROFILE=quick")
+    if p.synthetic:
+        return
+    if not ctx.data_root:
+        raise RequirementError(f"profile {p.name} needs DATA_ROOT=: a folder with one sub-folder per dataset "
+                               f"(e.g. make reproduce PROFILE={p.name} DATA_ROOT=/data, with "
+                               f"/data/ade20k/ADEChallengeData2016); see data/README.md")
+    from mfcore.companion.tables import planned_runs
+
+    planning = dataclasses.replace(ctx, check_data=False)
+    specs = planned_runs(planning, tables)
+    if tables is None:
+        specs += [base_spec(planning, "maskformer"), base_spec(planning, "maskformer", panoptic=True)]
+    roots = sorted({s.data_root for s in specs if s.data_root})
+    missing = [Path(r).name for r in roots if not Path(r).is_dir()]
+    if missing:
+        raise RequirementError(f"DATA_ROOT={ctx.data_root} lacks the dataset folder(s) {', '.join(missing)} "
+                               f"(expected {Path(ctx.data_root) / missing[0]}, ...; see data/README.md)")
 
 
 def base_spec(ctx: Context, model: str = "maskformer", panoptic: bool = False) -> RunSpec:

@@ -106,6 +106,7 @@ class QueryExplorer:
             raise ValueError(f"image index {index} out of range 0..{len(self.predictions) - 1}")
         p = self.predictions[index]
         self._index, self._pixel, self._source = index, None, None
+        self._sync_widgets()
         self.class_logits = torch.as_tensor(to_numpy(p["pred_logits"]), dtype=torch.float32)  # [N, K+1]
         self.probs = self.class_logits.softmax(dim=-1)
         self.logits_masks = torch.as_tensor(to_numpy(p["pred_masks"]), dtype=torch.float32)  # [N, H, W]
@@ -121,6 +122,7 @@ class QueryExplorer:
         if not 0 <= query < self.num_queries:
             raise ValueError(f"query {query} out of range 0..{self.num_queries - 1}")
         self._query, self._pixel, self._source = query, None, None
+        self._sync_widgets()
 
     def set_thresholds(self, object_threshold: float | None = None, overlap_threshold: float | None = None) -> None:
         """Change the object-mask and/or overlap threshold of panoptic inference (None keeps the value)."""
@@ -129,6 +131,7 @@ class QueryExplorer:
         if overlap_threshold is not None:
             self.overlap_threshold = _check_threshold("overlap_threshold", overlap_threshold)
         self._panoptic()
+        self._sync_widgets()
 
     def _panoptic(self) -> None:
         """Panoptic output and, per query, its mask area, pixels won in the argmax and status under the
@@ -158,6 +161,7 @@ class QueryExplorer:
         if query < 0:
             query, source = int(self.semantic_owner[y, x]), "semantic"
         self._query, self._pixel, self._source = query, (y, x), source
+        self._sync_widgets()  # the query slider shows the query the pixel selected
         return query
 
     def state(self) -> dict:
@@ -165,6 +169,10 @@ class QueryExplorer:
         q = self._query
         label = int(self.probs[q].argmax())
         semantic_won = (self.semantic == label) & (self.semantic_owner == q)
+        # where q contributes most to the label, whatever that label (a no-object query can: its p(class) is
+        # small but its mask may be the only one there)
+        owned = self.semantic_owner == q
+        owned_classes = [self._name(int(c)) for c in self.semantic[owned].unique()] if owned.any() else []
         segment = self.segmentation[self.panoptic_owner == q]
         return {
             "image": self._index, "image_id": self.predictions[self._index].get("image_id", str(self._index)),
@@ -173,6 +181,8 @@ class QueryExplorer:
             "query_class": label, "query_class_name": self._name(label), "query_prob": float(self.probs[q, label]),
             "class_probs": self.probs[q].numpy().copy(), "mask_area": int(self.areas[q]),
             "semantic_pixels": int(semantic_won.sum()), "semantic_share": float(semantic_won.float().mean()),
+            "no_object": label == self.num_classes, "owned_pixels": int(owned.sum()),
+            "owned_share": float(owned.float().mean()), "owned_classes": owned_classes,
             "panoptic_status": self.status[q], "panoptic_pixels": int(self.won[q]) if self.status[q] == "kept" else 0,
             "panoptic_ratio": float(self.won[q] / self.areas[q]) if self.areas[q] else float("nan"),
             "segment_id": int(segment[0]) if len(segment) else None,
@@ -185,9 +195,18 @@ class QueryExplorer:
     # ------------------------------------------------------------------ drawing
     def render(self) -> Figure:
         """A static figure of the current state (what a headless notebook shows)."""
-        fig = Figure(figsize=(15, 3.8))
+        fig = Figure(figsize=FIGSIZE, layout="constrained")  # class names keep clear of the image panel
         self._draw(fig)
         return fig
+
+    def _semantic_title(self, s: dict) -> str:
+        if s["no_object"]:  # its own class is never a semantic label: say what it does contribute
+            if not s["owned_pixels"]:
+                return f"semantic: top class no object ({s['query_prob']:.2f}); contributes most nowhere"
+            classes = ", ".join(s["owned_classes"][:3]) + (", ..." if len(s["owned_classes"]) > 3 else "")
+            return (f"semantic: top class no object ({s['query_prob']:.2f}), yet the largest\n"
+                    f"contribution at {100 * s['owned_share']:.1f}% of pixels (to {classes})")
+        return f"semantic: query wins {100 * s['semantic_share']:.1f}% of pixels"
 
     def _draw(self, fig: Figure) -> None:
         s, q = self.state(), self._query
@@ -201,15 +220,16 @@ class QueryExplorer:
         axes[0].set_title(f"image {s['image_id']}: query {q} mask ({s['mask_area']} px)", fontsize=9)
         top = np.argsort(-s["class_probs"])[:8][::-1]  # the 8 most likely classes, best on top
         axes[1].barh(range(len(top)), s["class_probs"][top], color="tab:blue")
-        axes[1].set_yticks(range(len(top)), [self._name(int(c)) for c in top], fontsize=7)
+        axes[1].set_yticks(range(len(top)), [_short(self._name(int(c))) for c in top], fontsize=7)
         axes[1].set_xlim(0, 1)
         axes[1].set_title(f"p(class): {s['query_class_name']} {s['query_prob']:.2f}", fontsize=9)
         axes[2].imshow(colorize(self.semantic.numpy(), self.num_classes))
-        self._outline(axes[2], (self.semantic_owner == q) & (self.semantic == s["query_class"]))
-        axes[2].set_title(f"semantic: query wins {100 * s['semantic_share']:.1f}% of pixels", fontsize=9)
+        owned = self.semantic_owner == q
+        self._outline(axes[2], owned if s["no_object"] else owned & (self.semantic == s["query_class"]))
+        axes[2].set_title(self._semantic_title(s), fontsize=9)
         axes[3].imshow(self._panoptic_colors())
         self._outline(axes[3], self.panoptic_owner == q)
-        axes[3].set_title(f"panoptic: {s['panoptic_status']}, won {int(self.won[q])} px (mask {s['mask_area']} px)",
+        axes[3].set_title(f"panoptic: {s['panoptic_status']}\nwon {int(self.won[q])} px (mask {s['mask_area']} px)",
                           fontsize=9)
         for ax in axes[[0, 2, 3]]:
             ax.set_xticks([])
@@ -255,7 +275,10 @@ class QueryExplorer:
         if _clickable_backend():  # e.g. %matplotlib widget: clicks on the image select a pixel
             import matplotlib.pyplot as plt
             with plt.ioff():  # shown once, inside the widget box, not again by pyplot
-                self._figure = plt.figure(figsize=(15, 3.8))
+                # 80 dpi: the four panels fit a notebook's width (ipympl draws at the figure's pixel size)
+                self._figure = plt.figure(figsize=FIGSIZE, dpi=80, layout="constrained")
+            if hasattr(self._figure.canvas, "header_visible"):  # ipympl's "Figure 1" title bar says nothing here
+                self._figure.canvas.header_visible = False
             self._figure.canvas.mpl_connect("button_press_event", self._on_click)
             if isinstance(self._figure.canvas, w.DOMWidget):
                 children.append(self._figure.canvas)
@@ -275,9 +298,18 @@ class QueryExplorer:
         self._refresh()
 
     def _sync_widgets(self) -> None:
+        """Set the controls to the current selection (a pixel chosen in code or by a click moves the query
+        slider) without the redraw a user's change makes."""
+        widgets = getattr(self, "widgets", None)
+        if not widgets:
+            return
         self._syncing = True
         try:
-            self.widgets["query"].value = self._query
+            for name, value in (("image", self._index), ("query", self._query),
+                                ("object_threshold", self.object_threshold),
+                                ("overlap_threshold", self.overlap_threshold)):
+                if widgets[name].value != value:
+                    widgets[name].value = value
         finally:
             self._syncing = False
 
@@ -296,10 +328,19 @@ class QueryExplorer:
     def _ipython_display_(self) -> None:
         from IPython.display import display
         if self.interactive:
+            self._sync_widgets()
             display(self.widget)
             self._refresh()
         else:
             display(self.render())
+
+
+FIGSIZE = (15, 3.8)
+
+
+def _short(name: str, width: int = 22) -> str:
+    """A class name cut to `width` characters for a tick label."""
+    return name if len(name) <= width else name[:width - 1] + "\u2026"
 
 
 def _check_threshold(name: str, value: float) -> float:

@@ -28,11 +28,29 @@ def setup(profile: str, results_dir: str, data_root: str, device: str, progress:
     return ctx, Path(ctx.results_dir) / "figures"
 
 
+def use_widget_backend() -> bool:
+    """In a notebook front end, draw with ipympl's widget backend (`%matplotlib widget`): live figures that take
+    clicks (QueryExplorer selects the pixel's query). Returns False, leaving the backend as it is (inline or the
+    batch runs' Agg: static figures), outside IPython or without ipympl installed."""
+    try:
+        import ipympl  # noqa: F401
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    if shell is None or type(shell).__name__ != "ZMQInteractiveShell":  # a plain interpreter or terminal IPython
+        return False
+    shell.run_line_magic("matplotlib", "widget")
+    return True
+
+
 def show_table(table: Table, ctx: Context) -> Table:
     """Write `table` (CSV + Markdown under the results folder) and display it: as Markdown in a notebook
     front end, as plain text in a batch log."""
-    from IPython.display import Markdown, display
+    from IPython.display import display
 
     write_table(table, ctx.results_dir)
-    display(Markdown(table.markdown()))
+    text = table.markdown()
+    # the front end renders the Markdown; a batch log (papermill prints text/plain) gets the same pipe table as text
+    display({"text/markdown": text, "text/plain": text}, raw=True)
     return table

@@ -101,19 +101,32 @@ def plot_query_category_matrix(stats: QueryStats, class_names: Sequence[str] | N
     return fig
 
 
+def _uses(predictions: Sequence[Mapping], prob_threshold: float,
+          real_class: bool = False) -> dict[int, list[tuple[int, int, float]]]:
+    """query -> [(image index, category, probability)] where its top class is a category (not "no object")
+    with p > prob_threshold and its mask is non-empty. real_class: the best category instead of the top class
+    (a weak model's queries mostly say "no object": their most likely category is the best there is)."""
+    uses: dict[int, list[tuple[int, int, float]]] = {}
+    for index, p in enumerate(predictions):
+        probs = torch.as_tensor(to_numpy(p["pred_logits"]), dtype=torch.float32).softmax(dim=-1)
+        prob, label = (probs[:, :-1] if real_class else probs).max(dim=-1)
+        nonempty = (to_numpy(p["pred_masks"]) >= 0).reshape(len(prob), -1).any(axis=1)
+        for q in np.flatnonzero((label < probs.shape[1] - 1).numpy() & (prob > prob_threshold).numpy() & nonempty):
+            uses.setdefault(int(q), []).append((index, int(label[q]), float(prob[q])))
+    return uses
+
+
 def query_examples(predictions: Sequence[Mapping], queries: Sequence[int] | None = None, per_query: int = 3,
                    num_queries: int = 4, prob_threshold: float = 0.5) -> dict[int, list[tuple[int, int, float]]]:
     """query -> [(image index, category, probability)] of images where it is confidently used
     (p_i(c_i) > prob_threshold, c_i not "no object", non-empty mask), one per category first so that
     the examples show the different things a query captures. Default queries: the `num_queries` with
-    the most confident uses."""
-    uses: dict[int, list[tuple[int, int, float]]] = {}
-    for index, p in enumerate(predictions):
-        probs = torch.as_tensor(to_numpy(p["pred_logits"]), dtype=torch.float32).softmax(dim=-1)
-        prob, label = probs.max(dim=-1)
-        nonempty = (to_numpy(p["pred_masks"]) >= 0).reshape(len(prob), -1).any(axis=1)
-        for q in np.flatnonzero((label < probs.shape[1] - 1).numpy() & (prob > prob_threshold).numpy() & nonempty):
-            uses.setdefault(int(q), []).append((index, int(label[q]), float(prob[q])))
+    the most confident uses; when no query is that confident (a weak model), the queries with the highest
+    category probabilities, whatever their value (`plot_query_examples` says so in its title)."""
+    uses = _uses(predictions, prob_threshold)
+    if queries is None and not uses:
+        uses = _uses(predictions, 0.0, real_class=True)
+        queries = sorted(uses, key=lambda q: -max(u[2] for u in uses[q]))[:num_queries]
     if queries is None:
         queries = sorted(uses, key=lambda q: -len(uses[q]))[:num_queries]
     examples = {}
@@ -128,13 +141,16 @@ def query_examples(predictions: Sequence[Mapping], queries: Sequence[int] | None
 
 
 def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, Sequence[tuple[int, int, float]]],
-                        class_names: Sequence[str] | None = None) -> Figure:
+                        class_names: Sequence[str] | None = None, prob_threshold: float = 0.5) -> Figure:
     """Rows = queries, one panel per example: the image with the query's mask (sigmoid >= 0.5) tinted in
-    its category's colour. One axes per example."""
+    its category's colour. One axes per example. Examples at or below `prob_threshold` (query_examples' fallback
+    for a weak model) are called what they are in the title."""
     cols = max((len(v) for v in examples.values()), default=0)
     if cols == 0:
-        return _message_figure("no confident query to show (lower prob_threshold in query_examples?)")
-    fig = Figure(figsize=(2.2 * cols, 2.3 * len(examples)))
+        return _message_figure("no query has a non-empty mask in these images:\nthe model is too weak to show "
+                               "what its queries capture")
+    fig = Figure(figsize=(max(2.2 * cols, 4.4), 2.3 * len(examples) + 0.5), layout="constrained")
+    weak = all(prob <= prob_threshold for uses in examples.values() for _, _, prob in uses)
     for r, (q, uses) in enumerate(examples.items()):
         for c, (index, category, prob) in enumerate(uses):
             p = predictions[index]
@@ -143,10 +159,12 @@ def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, S
             ax = fig.add_subplot(len(examples), cols, r * cols + c + 1)
             ax.imshow(overlay(p["image"], np.where(mask, category, 255), num_classes, alpha=0.6))
             name = class_names[category] if class_names else str(category)
-            bare_axes(ax, f"{name} ({prob:.2f})")
+            bare_axes(ax, f"{name} (p={prob:.2f})")
             if c == 0:
                 ax.set_ylabel(f"query {q}")
-    fig.tight_layout()
+    if weak:
+        fig.suptitle(f"weak model: no query reaches p > {prob_threshold:g}; its {len(examples)} most confident "
+                     f"queries shown", fontsize=9)
     return fig
 
 

@@ -73,6 +73,8 @@ def trained(name: str, title: str) -> Callable[[Callable[[Context], Table]], Cal
 
 
 def provenance(ctx: Context, start: float, runs_seconds: float, extra: str = "") -> str:
+    """The provenance line. Its wall time is this table's own clock since `start` (which holds the runs it trained)
+    plus `runs_seconds`, the stored times of the runs it found finished (`cached_seconds`): each run once."""
     wall = time.perf_counter() - start + runs_seconds
     return (f"{ctx.profile.describe()}{'; ' + extra if extra else ''}; git {git_commit()[:12]}; "
             f"{dt.date.today().isoformat()}; wall time {wall / 60:.1f} min (training + evaluation of its runs)")
@@ -195,9 +197,10 @@ def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
 
 
 def _run_groups(ctx: Context, groups: dict) -> tuple[dict, float]:
-    """Each group's median over seeds (`run_seeds`), and the training seconds they took together."""
+    """Each group's median over seeds (`run_seeds`), and the seconds of its runs finished before this call (the
+    others are in the caller's own clock: `provenance` counts each run once)."""
     results = {key: run_seeds(ctx, specs) for key, specs in groups.items()}
-    return results, sum(r["seconds"] for r in results.values())
+    return results, sum(r["cached_seconds"] for r in results.values())
 
 
 def _setting(ctx: Context, real: str = "ADE20K") -> str:
@@ -212,7 +215,7 @@ def table2(ctx: Context) -> Table:
     groups = _runs_table2(ctx)
     for k, dataset in _settings(ctx):
         results = {m: run_seeds(ctx, groups[k, dataset, m]) for m in _table2_models(ctx)}
-        seconds += sum(r["seconds"] for r in results.values())
+        seconds += sum(r["cached_seconds"] for r in results.values())
         base_ours = _sem(results["perpixelplus"])[0]
         base_paper = paper.TABLE2["perpixelplus"][dataset][0]
         for model, result in results.items():
@@ -275,14 +278,14 @@ def table_queries(ctx: Context) -> Table:
     groups = _runs_queries(ctx)
     rows, seconds = [], 0.0
     ref = run_seeds(ctx, groups["perpixelplus"])
-    seconds += ref["seconds"]
+    seconds += ref["cached_seconds"]
     rows.append({"queries": "PerPixelBaseline+ (N=K)", "paper row": "PerPixelBaseline+",
                  "mIoU paper": paper.QUERIES["perpixelplus"][0], "mIoU ours": _sem(ref)[0],
                  "PQ^St paper": paper.QUERIES["perpixelplus"][1], "PQ^St ours": _sem(ref)[1]})
     paper_ns = [n for n in paper.QUERIES if isinstance(n, int)]
     for n in _query_counts(ctx):
         result = run_seeds(ctx, groups[n])
-        seconds += result["seconds"]
+        seconds += result["cached_seconds"]
         match = n if not ctx.profile.synthetic else min(paper_ns, key=lambda p: abs(p / 150 - n / k))
         rows.append({"queries": n, "paper row": f"N={match} (N/K={match / 150:.2f})",
                      "mIoU paper": paper.QUERIES[match][0], "mIoU ours": _sem(result)[0],
@@ -349,7 +352,7 @@ def model_size_table(ctx: Context, name: str, presets: dict, title: str, score_c
         scores = None
         if not ctx.profile.synthetic:
             result = run_seeds(ctx, _runs_model_size(presets)(ctx)[preset])
-            seconds += result["seconds"]
+            seconds += result["cached_seconds"]
             scores = result
         row.update(score_columns(ref, scores))
         rows.append(row)
@@ -386,10 +389,10 @@ def table7(ctx: Context) -> Table:
     rows, seconds = [], 0.0
     groups = _runs_table4(ctx)
     ref = run_seeds(ctx, groups["perpixelplus"])
-    seconds += ref["seconds"]
+    seconds += ref["cached_seconds"]
     specs = groups["maskformer"]
     semantic = run_seeds(ctx, specs)
-    seconds += semantic["seconds"]
+    seconds += semantic["cached_seconds"]
     general = []
     for spec in specs:  # the same checkpoints, re-read with the general (panoptic-style) inference
         out = ctx.runs_dir / spec.name / "eval_val_general.json"
@@ -433,7 +436,7 @@ def table_boundary(ctx: Context) -> Table:
     rows, seconds = [], 0.0
     for (design, model), specs in _runs_boundary(ctx).items():
         result = run_seeds(ctx, specs)
-        seconds += result["seconds"]
+        seconds += result["cached_seconds"]
         row = {"scene design": design, "model": MODEL_NAMES[model], "mIoU": result["semantic"]["mIoU"],
                "mIoU seeds": _spread(result, "mIoU"), "PQ^St": result["semantic"]["PQ_St"]}
         if model == "maskformer":

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from mfcore.companion.viz import bare_axes, colorize
+from mfcore.companion.viz import bare_axes, class_legend, colorize, present_classes
 from mfcore.data import design_classes, render_scene, semantic_targets
 from mfcore.inference import semantic_inference
 
@@ -75,7 +75,7 @@ def plot_formulations(toy: dict) -> Figure:
     scores = semantic_inference(logits, masks)
     p = logits.softmax(-1)
     cols = max(k + 2, len(masks))
-    fig = Figure(figsize=(1.7 * cols, 5.6))
+    fig = Figure(figsize=(1.7 * cols + 1.6, 5.9), layout="constrained")
     axes = fig.subplots(3, cols)
     for ax in axes.ravel():
         ax.set_axis_off()
@@ -93,7 +93,10 @@ def plot_formulations(toy: dict) -> Figure:
             bare_axes(ax, title, fontsize=8)
     for r, label in enumerate(("per-pixel", "N (p, m) pairs", "marginalised")):
         axes[r, 0].set_ylabel(label, fontsize=9)
-    fig.tight_layout()
+    # colour panels use the class palette; grey panels are probabilities (black 0, white 1)
+    classes, ignored = present_classes([toy["sem_seg"], probs.argmax(0), scores.argmax(0)], k)
+    class_legend(fig, names, classes, ignore=ignored,
+                 title="classes\n(grey panels:\nblack 0, white 1)")
     return fig
 
 

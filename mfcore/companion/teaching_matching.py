@@ -146,11 +146,18 @@ def dice_table(cases: dict[str, tuple[Tensor, Tensor]]) -> pd.DataFrame:
 
 
 def plot_dice_cases(cases: dict[str, tuple[Tensor, Tensor]]) -> Figure:
-    """One panel per case: target in green, prediction (sigmoid >= 0.5) in red, overlap yellow."""
-    fig = Figure(figsize=(1.9 * len(cases), 2.2))
+    """One panel per case: target in green, prediction (sigmoid >= 0.5) in red, overlap yellow (a legend says
+    so)."""
+    from matplotlib.patches import Patch
+
+    fig = Figure(figsize=(1.9 * len(cases), 2.7), layout="constrained")
     for ax, (name, (logits, target)) in zip(np.atleast_1d(fig.subplots(1, len(cases))), cases.items()):
         pred = (logits >= 0).float()
         ax.imshow(torch.stack([pred, target, torch.zeros_like(target)], -1).numpy())
         bare_axes(ax, name, fontsize=8)
-    fig.tight_layout()
+    handles = [Patch(color=(1, 1, 0), label="predicted and in the target (overlap)"),
+               Patch(color=(0, 1, 0), label="target only (missed pixels)"),
+               Patch(color=(1, 0, 0), label="predicted only (false positives)"),
+               Patch(facecolor="black", label="neither")]
+    fig.legend(handles=handles, loc="outside lower center", ncols=4, fontsize=8, frameon=False)
     return fig

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from matplotlib.colors import hsv_to_rgb
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Patch, Rectangle
 
 from mfcore.companion.predictions import to_numpy, to_rgb
 from mfcore.files import atomic_write
@@ -66,6 +66,30 @@ def bare_axes(ax: Any, title: str = "", fontsize: float = 9) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     ax.set_title(title, fontsize=fontsize)
+
+
+def class_legend(fig: Figure, class_names: Sequence[str], classes: Any, ignore: bool = False,
+                 ignore_label: str = "black: ignore (unlabelled, not scored)", max_entries: int = 24,
+                 **kwargs: Any) -> Any:
+    """A figure legend of the class colours (`palette`) of `classes` (the ids present in the panels, in order),
+    and, with `ignore`, what black means. Beyond `max_entries` classes the rest are summarised in one entry."""
+    k = len(class_names)
+    colors = palette(k) / 255.0
+    ids = [int(c) for c in classes]
+    shown = ids[:max_entries]
+    handles = [Patch(facecolor=colors[c], edgecolor="0.3", label=str(class_names[c])) for c in shown]
+    if len(ids) > len(shown):
+        handles.append(Patch(facecolor="white", edgecolor="0.3", label=f"... {len(ids) - len(shown)} more classes"))
+    if ignore:
+        handles.append(Patch(facecolor="black", edgecolor="0.3", label=ignore_label))
+    options = dict(loc="outside right upper", fontsize=8, frameon=False, title="classes", title_fontsize=8)
+    return fig.legend(handles=handles, **{**options, **kwargs})
+
+
+def present_classes(label_maps: Sequence[Any], num_classes: int, ignore: int = 255) -> tuple[list[int], bool]:
+    """The class ids that occur in `label_maps` (sorted) and whether `ignore` occurs."""
+    values = np.unique(np.concatenate([to_numpy(m).astype(np.int64).ravel() for m in label_maps]))
+    return [int(v) for v in values if 0 <= v < num_classes], bool((values == ignore).any())
 
 
 # ----------------------------------------------------------------------------- masks
@@ -145,21 +169,30 @@ def plot_matching(cost: Any, assignments: Mapping[str, tuple[Any, Any]] | tuple[
                   row_label: str = "query", col_label: str = "ground-truth segment",
                   col_names: Sequence[str] | None = None) -> Figure:
     """Cost matrix [N, M] as a heat map with the matched (row, col) cells outlined; one panel per named
-    assignment, e.g. {"Hungarian": (rows, cols), "fixed": (rows, cols)}, titled with its total cost."""
+    assignment, e.g. {"Hungarian": (rows, cols), "fixed": (rows, cols)}, titled with its name and total cost
+    on two lines; one colour bar (the cost) for all panels."""
     cost = to_numpy(cost).astype(np.float64)
     if cost.ndim != 2:
         raise ValueError(f"plot_matching expects a cost matrix [N, M], got shape {cost.shape}")
     if not isinstance(assignments, Mapping):
         assignments = {"matching": assignments}
-    fig = Figure(figsize=(max(3.0, 0.35 * cost.shape[1] + 1.5) * len(assignments), max(3.0, 0.25 * cost.shape[0] + 1)))
-    axes = np.atleast_1d(fig.subplots(1, len(assignments)))
-    for ax, (name, (rows, cols)) in zip(axes, assignments.items()):
+    n, m = cost.shape
+    width = max(3.2, 0.7 * m + 1.6)
+    fig = Figure(figsize=(width * len(assignments) + 1.0, max(3.2, 0.3 * n + 1.8)), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(assignments), sharey=True))
+    image = None
+    for i, (ax, (name, (rows, cols))) in enumerate(zip(axes, assignments.items())):
         rows, cols = to_numpy(rows).astype(int), to_numpy(cols).astype(int)
-        ax.imshow(cost, cmap="magma_r", aspect="auto")
+        image = ax.imshow(cost, cmap="magma_r", aspect="auto", vmin=cost.min(), vmax=cost.max())
         for r, c in zip(rows, cols):
-            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
-        ax.set(xlabel=col_label, ylabel=row_label, title=f"{name}: total cost {cost[rows, cols].sum():.2f}")
-        if col_names is not None:
-            ax.set_xticks(range(cost.shape[1]), col_names, rotation=90, fontsize=7)
-    fig.tight_layout()
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2.5))
+        ax.set_title(f"{name}\ntotal cost {cost[rows, cols].sum():.2f}", fontsize=10)
+        ax.set_xlabel(col_label, fontsize=9)
+        if i == 0:
+            ax.set_ylabel(row_label, fontsize=9)
+        ax.set_yticks(range(n), [str(r) for r in range(n)], fontsize=9)
+        names = list(col_names) if col_names is not None else [str(c) for c in range(m)]
+        long = max(len(s) for s in names) * m > 8 * width  # rotate only when horizontal labels would collide
+        ax.set_xticks(range(m), names, fontsize=9, rotation=45 if long else 0, ha="right" if long else "center")
+    fig.colorbar(image, ax=list(axes), label="matching cost (low = good match)", shrink=0.9)
     return fig
