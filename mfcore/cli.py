@@ -210,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_arguments(p)
     p.add_argument("--seeds", type=int, nargs="+", help="replace the profile's seeds (stated in the provenance)")
     p.add_argument("--iters", type=int, help="replace the profile's iterations per run (stated in the provenance)")
+    p.add_argument("--class-counts", type=int, nargs="+", metavar="K",
+                   help="replace the profile's K settings of Table 2 (the table's K column states them)")
     p.set_defaults(func=_tables)
     return parser
 
@@ -237,7 +239,8 @@ def _tables(args: argparse.Namespace) -> None:
     from mfcore.companion.experiments import check_requirements, make_context, train_runs
     from mfcore.companion.tables import TABLES, planned_runs, write_table
 
-    overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters}
+    overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters,
+                 "class_counts": tuple(args.class_counts) if args.class_counts else None}
     ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "log",
                        args.nproc_per_node, {k: v for k, v in overrides.items() if v is not None}, args.cache_dir)
     names = args.names or list(TABLES)
@@ -251,8 +254,13 @@ def _tables(args: argparse.Namespace) -> None:
             from mfcore.companion.figures import plot_table2_trend
             from mfcore.companion.viz import save_figure
 
-            figure = save_figure(plot_table2_trend(table.frame), ctx.results_dir / "figures" / "06_table2_trend.png")
-            print(f"wrote {figure}")
+            from mfcore.companion.figures import plot_learning_curves
+            from mfcore.companion.tables import table2_curves
+
+            for figure in (save_figure(plot_table2_trend(table.frame), ctx.results_dir / "figures" / "06_table2_trend.png"),
+                           save_figure(plot_learning_curves(table2_curves(ctx)),
+                                       ctx.results_dir / "figures" / "06_table2_curves.png")):
+                print(f"wrote {figure}")
 
 
 def _one_line(err: BaseException) -> str:
