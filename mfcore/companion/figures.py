@@ -138,6 +138,6 @@ def plot_learning_curves(curves: Mapping[int, Mapping[str, Sequence[Sequence[dic
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"val {metric}")
-    axes[-1].legend(fontsize=8, loc="lower right")
+    axes[-1].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     return fig
