@@ -32,8 +32,11 @@ def use_widget_backend() -> bool:
     """In a notebook front end, draw with ipympl's widget backend (`%matplotlib widget`): live figures that take
     clicks (QueryExplorer selects the pixel's query). Returns False, leaving the backend as it is (inline or the
     batch runs' Agg: static figures), outside IPython or without ipympl installed."""
+    import importlib.util
+
+    if importlib.util.find_spec("ipympl") is None:  # found, not imported: importing it switches the backend
+        return False
     try:
-        import ipympl  # noqa: F401
         from IPython import get_ipython
     except ImportError:
         return False

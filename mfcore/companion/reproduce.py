@@ -107,10 +107,23 @@ def _quiet_kernel_manager():
     return QuietKernelManager
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A StreamHandler on `sys.stdout` as it is when a record is emitted, not as it was when the handler was made
+    (a later caller may have replaced it, e.g. to capture the log)."""
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def _echo_notebook_output() -> None:
     logger = logging.getLogger("papermill")
     if not any(isinstance(f, _CellOutputOnly) for h in logger.handlers for f in h.filters):
-        handler = logging.StreamHandler(sys.stdout)
+        handler = _StdoutHandler()
         handler.setFormatter(logging.Formatter("    %(message)s"))
         handler.addFilter(_CellOutputOnly())
         logger.addHandler(handler)
