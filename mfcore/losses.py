@@ -71,7 +71,7 @@ def _with_aux_weights(base: dict[str, float], deep_supervision: bool, num_aux_la
     return weights
 
 
-def _aux_outputs(outputs: dict, deep_supervision: bool, num_aux_layers: int) -> list[dict]:
+def aux_outputs(outputs: dict, deep_supervision: bool, num_aux_layers: int) -> list[dict]:
     aux = outputs.get("aux_outputs", []) if deep_supervision else []
     if len(aux) > num_aux_layers:
         raise ValueError(f"outputs['aux_outputs']: {len(aux)} layers, but the criterion was built with "
@@ -200,7 +200,7 @@ class SetCriterion(nn.Module):
     def forward(self, outputs: dict, targets: list[dict]) -> dict[str, Tensor]:
         check_targets(targets, outputs["pred_logits"].shape[0])
         num_masks = average_num_masks(targets, outputs["pred_logits"].device)
-        layers = [outputs, *_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)]
+        layers = [outputs, *aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)]
         losses = {}
         for i, (layer, indices) in enumerate(zip(layers, self.match(layers, targets))):
             suffix = f"_{i - 1}" if i else ""  # the last layer's terms unsuffixed, then aux layers 0..L-2
@@ -257,7 +257,7 @@ class PerPixelCriterion(nn.Module):
         logits = outputs["sem_seg_logits"]
         sem = self.semantic_targets(logits, targets)
         losses = {"loss_ce": self.cross_entropy(logits, sem)}
-        for i, aux in enumerate(_aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
+        for i, aux in enumerate(aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)):
             losses[f"loss_ce_{i}"] = self.cross_entropy(aux["sem_seg_logits"], sem)
         return losses
 

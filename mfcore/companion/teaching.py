@@ -32,7 +32,7 @@ from mfcore.inference import semantic_inference
 TOY_CLASSES = ("sky", "grass", "cow")
 
 
-def _targets_from_map(sem: Tensor) -> dict:
+def targets_from_map(sem: Tensor) -> dict:
     labels, masks = semantic_targets(sem, 255)
     return {"labels": labels, "masks": masks}
 
@@ -61,7 +61,7 @@ def toy_example(seed: int = 0, size: int = 8) -> dict:
         pred_logits[i, k if c is None else c] = 3.0
         target = torch.zeros(size, size) if c is None else (sem == c).float()
         pred_masks[i] = 4.0 * (2 * target - 1) + 1.5 * torch.randn(size, size, generator=g)
-    return {"class_names": TOY_CLASSES, "sem_seg": sem, "targets": [_targets_from_map(sem)],
+    return {"class_names": TOY_CLASSES, "sem_seg": sem, "targets": [targets_from_map(sem)],
             "pixel_logits": pixel_logits[None],
             "outputs": {"pred_logits": pred_logits[None], "pred_masks": pred_masks[None]}}
 
@@ -311,7 +311,7 @@ def synthetic_batch(num_classes: int = 8, batch_size: int = 2, size: int = 64,
     for _ in range(batch_size):
         image, segments, classes = render_scene(design, rng, size=size)
         images.append(torch.from_numpy(image).permute(2, 0, 1).float())
-        targets.append(_targets_from_map(torch.from_numpy(np.array([255] + classes)[segments])))
+        targets.append(targets_from_map(torch.from_numpy(np.array([255] + classes)[segments])))
     return torch.stack(images), targets
 
 

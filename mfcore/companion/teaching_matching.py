@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from torch import Tensor
 
-from mfcore.companion.teaching import _targets_from_map
+from mfcore.companion.teaching import targets_from_map
 from mfcore.companion.viz import bare_axes
 from mfcore.mask_loss import dice_loss, sigmoid_focal_loss
 from mfcore.matcher import HungarianMatcher, assign
@@ -49,7 +49,7 @@ def matching_example(seed: int = 0, size: int = 16, num_classes: int = 6) -> dic
         pred_logits[q, num_classes if c is None else c] = 2.5
         if c is not None:
             pred_masks[q] = 3.0 * (2 * (sem == c).float() - 1) + torch.randn(size, size, generator=g)
-    return {"sem_seg": sem, "targets": [_targets_from_map(sem)],
+    return {"sem_seg": sem, "targets": [targets_from_map(sem)],
             "outputs": {"pred_logits": pred_logits[None], "pred_masks": pred_masks[None]}}
 
 

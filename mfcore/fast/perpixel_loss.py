@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mfcore.losses import PerPixelCriterion, _aux_outputs
+from mfcore.losses import PerPixelCriterion, aux_outputs
 from mfcore.mask_loss import loss_dtype
 
 
@@ -31,7 +31,7 @@ class FusedPerPixelCriterion(PerPixelCriterion):
             return super().forward(outputs, targets)
         target = torch.stack(sem)                                                         # [B, H, W]
         count = (target != self.ignore_index).sum().clamp(min=1)
-        aux = _aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)
+        aux = aux_outputs(outputs, self.deep_supervision, self.num_aux_layers)
         losses = {}
         for i, layer in enumerate([logits] + [a["sem_seg_logits"] for a in aux]):
             if layer.shape[1] != self.num_classes:
