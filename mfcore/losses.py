@@ -8,6 +8,8 @@ Criteria return a dict of *unweighted* terms; `criterion.weight_dict` holds thei
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -134,39 +136,34 @@ class SetCriterion(nn.Module):
             focal, dice = self._point_focal_dice(pred, targets, indices)
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
-    def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
-        """(focal [M], dice [M]) of the matched pairs, the stride-4 logits pred [B, N, h, w] bilinearly
-        upsampled to their ground truth's size [H, W]; images in order, pairs in matching order."""
-        focal, dice = [], []
+    @staticmethod
+    def matched_pairs(pred: Tensor, targets: list[dict], indices: Indices) -> Iterator[tuple[Tensor, Tensor]]:
+        """For each image with matches: (stride-4 logits [m, h, w], ground truth [m, H, W]) of its matched pairs,
+        in matching order."""
         for b, (src, tgt) in enumerate(indices):
             if len(src) == 0:
                 continue
-            logits = loss_dtype(pred[b, src.to(pred.device)])                  # [m, h, w]
+            logits = loss_dtype(pred[b, src.to(pred.device)])
             masks = targets[b]["masks"]
-            gt = masks[tgt.to(masks.device)].to(pred.device, logits.dtype)       # [m, H, W]
-            logits = F.interpolate(logits[:, None], size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-            focal_b, dice_b = focal_dice(logits.flatten(1), gt.flatten(1))
-            focal.append(focal_b)
-            dice.append(dice_b)
-        return torch.cat(focal), torch.cat(dice)
+            yield logits, masks[tgt.to(masks.device)].to(pred.device, logits.dtype)
+
+    def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
+        """(focal [M], dice [M]) of the matched pairs, the logits pred [B, N, h, w] bilinearly upsampled to their
+        ground truth's size [H, W]; images in order, pairs in matching order."""
+        terms = [focal_dice(F.interpolate(logits[:, None], size=gt.shape[-2:], mode="bilinear",
+                                          align_corners=False)[:, 0].flatten(1), gt.flatten(1))
+                 for logits, gt in self.matched_pairs(pred, targets, indices)]
+        return torch.cat([f for f, _ in terms]), torch.cat([d for _, d in terms])
 
     def _point_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
         """Losses at num_points importance-sampled points per matched mask -> (focal [M], dice [M])."""
-        focal, dice = [], []
-        for b, (src, tgt) in enumerate(indices):
-            if len(src) == 0:
-                continue
-            logits = loss_dtype(pred[b, src.to(pred.device)])                  # [m, h, w]
-            masks = targets[b]["masks"]
-            gt = masks[tgt.to(masks.device)].to(pred.device, logits.dtype)       # [m, H, W]
+        terms = []
+        for logits, gt in self.matched_pairs(pred, targets, indices):
             coords = sample_uncertain_points(logits[:, None], self.num_points, self.oversample_ratio,
                                              self.importance_sample_ratio)
-            logits = point_sample(logits[:, None], coords)[:, 0]
-            gt = point_sample(gt[:, None], coords, mode="nearest")[:, 0]       # stays binary
-            focal_b, dice_b = focal_dice(logits, gt)
-            focal.append(focal_b)
-            dice.append(dice_b)
-        return torch.cat(focal), torch.cat(dice)
+            terms.append(focal_dice(point_sample(logits[:, None], coords)[:, 0],
+                                    point_sample(gt[:, None], coords, mode="nearest")[:, 0]))  # gt stays binary
+        return torch.cat([f for f, _ in terms]), torch.cat([d for _, d in terms])
 
     def loss_boxes(self, outputs: dict, targets: list[dict], indices: Indices, num_masks: float) -> dict[str, Tensor]:
         """L1 and GIoU losses of matched (cx, cy, w, h) boxes, each summed / num_masks."""
