@@ -321,6 +321,20 @@ def test_in_place_matcher_equals_the_plain_one():
         [(i.tolist(), j.tolist()) for i, j in plain(outputs, targets)]
 
 
+@pytest.mark.parametrize("gt_size, size", [((64, 64), (16, 16)), ((50, 70), (16, 24)), ((32, 48), (32, 48))])
+def test_picked_ground_truth_equals_the_interpolated_one(gt_size, size):
+    """InPlaceCostMatcher.ground_truth reads only the kept pixels (a strided view, or a gather with cached
+    indices where the sizes do not divide); it must equal F.interpolate(mode="nearest")'s downsampling."""
+    gen = torch.Generator().manual_seed(0)
+    targets = [{"labels": torch.tensor([1, 4, 2]), "masks": torch.rand(3, *gt_size, generator=gen) > 0.5},
+               {"labels": torch.tensor([], dtype=torch.int64), "masks": torch.zeros(0, *gt_size, dtype=torch.bool)},
+               {"labels": torch.tensor([0]), "masks": torch.rand(1, *gt_size, generator=gen) > 0.3}]
+    like = torch.zeros(1, dtype=torch.float64)
+    for got, want in zip(InPlaceCostMatcher.ground_truth(targets, size, like),
+                         HungarianMatcher.ground_truth(targets, size, like)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 def test_training_after_a_prediction_at_the_same_sizes(one_thread, switch):
     """The loss's cached resize matrices may first be built by a prediction under inference_mode; a
     training step that reuses them must still backpropagate (an inference tensor cannot be saved)."""

@@ -3,6 +3,8 @@ fewer passes over the [B, N, h*w] logits, its work tensors kept between calls, a
 layer and image (one transfer to the host per training step, where the assignment runs)."""
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -56,8 +58,29 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
     return focal, dice
 
 
+@functools.lru_cache(maxsize=32)
+def _nearest_index(in_size: int, out_size: int, device: torch.device) -> Tensor:
+    # F.interpolate(mode="nearest"): source index floor(j * in/out), the scale taken in float32; cached, so built
+    # outside inference mode (an inference tensor would be refused by a later training step)
+    with torch.inference_mode(False):
+        scale = torch.tensor(in_size / out_size, dtype=torch.float32)
+        return (torch.arange(out_size, dtype=torch.float32) * scale).floor().long().clamp(max=in_size - 1).to(device)
+
+
+def downsample_nearest(masks: Tensor, size: tuple[int, int]) -> Tensor:
+    """F.interpolate(masks[None].float(), size, mode="nearest")[0] for masks [n, H, W] -> [n, h, w] (bool or float,
+    as given), reading only the h*w kept pixels of every mask instead of converting all H*W of them first."""
+    (height, width), (h, w) = masks.shape[-2:], size
+    if height % h == 0 and width % w == 0:  # source pixel (r * H/h, c * W/w): a strided view, no gather
+        return masks[:, :: height // h, :: width // w]
+    rows = _nearest_index(height, h, masks.device)
+    cols = _nearest_index(width, w, masks.device)
+    return masks[:, rows[:, None], cols]
+
+
 class InPlaceCostMatcher(HungarianMatcher):
-    """HungarianMatcher whose mask costs run through `mask_costs`, in work tensors kept between calls."""
+    """HungarianMatcher whose mask costs run through `mask_costs`, in work tensors kept between calls, and whose
+    ground truth is downsampled by picking the kept pixels (`downsample_nearest`)."""
 
     _scratch: dict[tuple, list[Tensor]] | None = None
 
@@ -77,6 +100,19 @@ class InPlaceCostMatcher(HungarianMatcher):
 
     def mask_costs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
         return mask_costs(logits, targets, scratch=self.scratch(logits, 4))
+
+    @staticmethod
+    def ground_truth(targets: list[dict], size: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
+        """`HungarianMatcher.ground_truth`, each mask's kept pixels copied straight into the padded batch."""
+        most = max(len(t["labels"]) for t in targets)
+        labels = torch.zeros(len(targets), most, dtype=torch.int64, device=like.device)
+        gt = like.new_zeros(len(targets), most, size[0] * size[1])
+        for b, t in enumerate(targets):
+            n = len(t["labels"])
+            if n:
+                labels[b, :n] = t["labels"]
+                gt[b, :n].view(n, *size).copy_(downsample_nearest(t["masks"].to(like.device), size))
+        return labels, gt
 
     @torch.no_grad()
     def match_layers(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
