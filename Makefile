@@ -23,7 +23,10 @@ $(VENV)/.installed: pyproject.toml
 # saved in JupyterLab does not dirty git (cell ids are kept: the committed notebooks are already clean)
 	if git rev-parse --git-dir >/dev/null 2>&1; then \
 	  $(VENV)/bin/nbstripout --install --attributes .gitattributes && \
-	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id'; fi
+	  git config filter.nbstripout.clean '"$(abspath $(PY))" -m nbstripout --keep-id' && \
+	  { git update-index -q --refresh >/dev/null || true; }; fi
+# (the refresh records the notebooks as clean under the new filter; without it every `git status`, which runs
+#  with each checkpoint's git commit, would filter all nine notebooks again)
 	touch $@
 
 venv: $(VENV)/.installed
