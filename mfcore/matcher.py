@@ -52,7 +52,13 @@ class HungarianMatcher(nn.Module):
         return pairwise_focal_dice(logits, targets)
 
     @staticmethod
-    def ground_truth(targets: list[dict], size: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
+    def downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
+        """Binary masks [n, H, W] -> [n, h, w] (float), nearest: costs are computed at the predictions'
+        resolution (H/4 x W/4), cheap, and no gradient flows through them."""
+        return F.interpolate(masks[None].float(), size=size, mode="nearest")[0]
+
+    @classmethod
+    def ground_truth(cls, targets: list[dict], size: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
         """The batch's segments padded to its largest count M: labels [B, M] (padding 0) and binary masks
         [B, M, h*w] (padding empty) at the predictions' size (h, w), nearest-downsampled, in like's dtype."""
         most = max(len(t["labels"]) for t in targets)
@@ -62,9 +68,7 @@ class HungarianMatcher(nn.Module):
             n = len(t["labels"])
             if n:
                 labels[b, :n] = t["labels"]
-                # Costs are computed at the prediction's resolution (H/4 x W/4): cheap, and no gradient.
-                small = F.interpolate(t["masks"][None].to(like.dtype), size=size, mode="nearest")[0]
-                gt[b, :n] = small.flatten(1)
+                gt[b, :n].view(n, *size).copy_(cls.downsample(t["masks"].to(like.device), size))
         return labels, gt
 
     @torch.no_grad()

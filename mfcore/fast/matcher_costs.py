@@ -102,17 +102,8 @@ class InPlaceCostMatcher(HungarianMatcher):
         return mask_costs(logits, targets, scratch=self.scratch(logits, 4))
 
     @staticmethod
-    def ground_truth(targets: list[dict], size: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
-        """`HungarianMatcher.ground_truth`, each mask's kept pixels copied straight into the padded batch."""
-        most = max(len(t["labels"]) for t in targets)
-        labels = torch.zeros(len(targets), most, dtype=torch.int64, device=like.device)
-        gt = like.new_zeros(len(targets), most, size[0] * size[1])
-        for b, t in enumerate(targets):
-            n = len(t["labels"])
-            if n:
-                labels[b, :n] = t["labels"]
-                gt[b, :n].view(n, *size).copy_(downsample_nearest(t["masks"].to(like.device), size))
-        return labels, gt
+    def downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
+        return downsample_nearest(masks, size)
 
     @torch.no_grad()
     def match_layers(self, layers: list[dict], targets: list[dict]) -> list[Indices]:
