@@ -38,6 +38,17 @@ def test_profile_overrides_reach_the_specs_and_provenance(smoke):
     assert {s.train["iters"] for s in planned_runs(ctx, ["table4"])} == {2}
 
 
+def test_every_scene_parameter_keys_the_generated_data(smoke, monkeypatch):
+    """A changed scene parameter (here the hue noise) must never reuse scenes generated with the old value."""
+    from mfcore.companion import experiments
+
+    monkeypatch.setattr("mfcore.data.ensure_synthetic", lambda root, **options: root)
+    noisier = make_context("smoke", str(smoke.results_dir), profile_overrides={"hue_noise": 60.0},
+                           cache_dir=str(smoke.cache_dir))
+    assert experiments.synthetic_root(smoke, 8) != experiments.synthetic_root(noisier, 8)
+    assert experiments.synthetic_root(smoke, 8) == experiments.synthetic_root(smoke, 8)
+
+
 def test_tables_command_trains_side_by_side_then_reuses(smoke, capsys):
     args = ["tables", "table4", "--profile", "smoke", "--results-dir", str(smoke.results_dir), "--seeds", "0",
             "--workers", "2", "--cache-dir", str(smoke.cache_dir)]

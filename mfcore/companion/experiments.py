@@ -9,6 +9,7 @@ backbone on first use (cached under `<cache_dir>`); the paper profile reads the 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shlex
@@ -61,12 +62,13 @@ def synthetic_root(ctx: Context, num_classes: int, design: str | None = None) ->
 
     p = ctx.profile
     design = design or p.design
-    context = p.hue_context if design == "hue" else 0
-    tag = f"hue-c{context}" if design == "hue" else design
-    return ensure_synthetic(Path(ctx.cache_dir) / f"{p.name}-{tag}-s{p.image_size}-n{p.num_train}-k{num_classes}",
-                            num_classes=num_classes, num_train=p.num_train, num_val=p.num_val,
-                            image_size=p.image_size, seed=0, kind="both", design=design,
-                            class_freq_exponent=p.class_freq_exponent, hue_noise=p.hue_noise, hue_context=context)
+    hue = design == "hue"
+    options = dict(num_classes=num_classes, num_train=p.num_train, num_val=p.num_val, image_size=p.image_size,
+                   seed=0, kind="both", design=design, class_freq_exponent=p.class_freq_exponent,
+                   hue_noise=p.hue_noise if hue else 40.0, hue_context=p.hue_context if hue else 0)
+    # every option is in the folder's name (a digest of them), so a changed scene parameter never reads stale scenes
+    digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
+    return ensure_synthetic(Path(ctx.cache_dir) / f"{p.name}-{design}-k{num_classes}-{digest}", **options)
 
 
 def pretrained_backbone(ctx: Context) -> str:
