@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from benchmarks import bench_hf
-from benchmarks.bench_report import environment, print_table, write_results
+from benchmarks.bench_report import cpu_family_tag, environment, print_table, write_results
 from benchmarks.bench_steps import (
     GPU_FPS_TARGET,
     GPU_TARGETS,
@@ -233,7 +233,7 @@ def main(device: str = "cpu", threads: int | None = None, reps: int | None = Non
          compile_mode: str | None = None, only: Sequence[str] | None = None,
          log: Callable[[str], None] = print) -> dict:
     """Run the suite for `device`, print the table, write
-    <out_dir>/<device>[-quick][-compiled[-MODE]][-only-PARTS].{json,md}; returns the result dict.
+    <out_dir>/<device or cpu-<family>>[-quick][-compiled[-MODE]][-only-PARTS].{json,md}; returns the result dict.
     compare=False (or transformers not installed) times mfcore alone; memory=False skips the memory case;
     compile_mode ("default", "reduce-overhead", "max-autotune") times torch.compile(mfcore model, mode=...)
     (transformers stays eager; warm-up includes compiling); `only` runs a subset of PARTS (e.g. a short GPU
@@ -267,7 +267,9 @@ def main(device: str = "cpu", threads: int | None = None, reps: int | None = Non
               "only": [p for p in PARTS if p in parts] if only else None, "cases": cases, "checks": checks}
     compiled = "" if not compile_mode else "-compiled" + ("" if compile_mode == "default" else "-" + compile_mode)
     subset = "-only-" + "-".join(result["only"]) if only else ""
-    stem = dev.type + ("-quick" if quick else "") + compiled + subset
+    # one file per CPU family (cpu-amd-epyc, cpu-intel-xeon): kernels and ratios differ between them
+    family = f"cpu-{cpu_family_tag()}" if dev.type == "cpu" else dev.type
+    stem = family + ("-quick" if quick else "") + compiled + subset
     json_path, md_path = write_results(result, out_dir, stem)
     print_table(cases)
     log(f"wrote {json_path} and {md_path}")

@@ -35,6 +35,37 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
+def cpu_features() -> dict:
+    """The CPU's vendor, model, the vector-instruction flags that decide which kernels oneDNN and ATen pick
+    (/proc/cpuinfo, Linux), and the capability ATen dispatches to: two machines compare only when these match."""
+    info: dict = {"vendor": None, "model": _cpu_name(), "flags": [],
+                  "aten_capability": torch.backends.cpu.get_cpu_capability()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id") and info["vendor"] is None:
+                info["vendor"] = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                info["flags"] = [f for f in VECTOR_FLAGS if f in present]
+                break
+    except OSError:
+        pass
+    return info
+
+
+def cpu_family_tag() -> str:
+    """"intel-xeon", "amd-epyc", ...: the name part of a committed per-CPU-family result file."""
+    model = _cpu_name().lower()
+    vendor = "amd" if "amd" in model else "intel" if "intel" in model else "cpu"
+    for family in ("epyc", "ryzen", "xeon", "core"):
+        if family in model:
+            return f"{vendor}-{family}"
+    return vendor
+
+
 def source_digest(root: Path = PACKAGE) -> str:
     """sha256 of the package's Python sources (relative paths and contents, in path order): names the code
     that ran even where the checkout's .git is missing or stale, e.g. a copy sent to a GPU machine.
@@ -56,7 +87,8 @@ def _git() -> dict:
 
 def environment(device: torch.device, threads: int, command: list[str] | None = None) -> dict:
     """Date, machine, versions, threads and git commit: everything needed to read or redo the numbers."""
-    machine = {"platform": platform.platform(), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
+    machine = {"platform": platform.platform(), "cpu": _cpu_name(), "cpu_features": cpu_features(),
+               "logical_cpus": os.cpu_count(),
                "usable_cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
                "load_average_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
@@ -124,6 +156,9 @@ def markdown(result: dict) -> str:
     if git.get("source_sha256"):  # absent from files written before it was recorded
         commit += f"; mfcore sources sha256 {git['source_sha256'][:12]}"
     hardware = m["gpu"]["name"] if "gpu" in m else f"{m['cpu']}, {m['usable_cpus']} usable CPUs"
+    if "gpu" not in m and m.get("cpu_features"):  # absent from files written before it was recorded
+        feats = m["cpu_features"]
+        hardware += f" ({', '.join(feats['flags']) or 'no AVX2'}; ATen dispatch {feats['aten_capability']})"
     load = " -> ".join(f"{x[0]:.1f}" for x in (m.get("load_average_start"), m.get("load_average_end")) if x)
     flags = ", quick" if result["quick"] else ""
     flags += f", mfcore torch.compile'd ({result['compiled']})" if result.get("compiled") else ""

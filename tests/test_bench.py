@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from benchmarks.bench import gpu_peak_tflops
+from benchmarks.bench_report import cpu_family_tag
 from benchmarks.bench_steps import (
     alternate,
     case,
@@ -19,7 +20,8 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
 
     result = main(device="cpu", threads=1, quick=True, warmup=0, out_dir=str(tmp_path), compare=False,
                   log=lambda _: None)
-    data = json.loads((tmp_path / "cpu-quick.json").read_text())
+    family = f"cpu-{cpu_family_tag()}"
+    data = json.loads((tmp_path / f"{family}-quick.json").read_text())
     assert data == json.loads(json.dumps(result))
     env = data["environment"]
     assert env["threads"] == 1 and env["device"] == "cpu"
@@ -27,6 +29,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     from benchmarks.bench_report import source_digest
     assert env["git"]["source_sha256"] == source_digest()
     assert env["machine"]["cpu"] and env["machine"]["load_average_end"] is not None
+    assert env["machine"]["cpu_features"]["aten_capability"]  # which kernels ran: results compare per CPU family
     names = [c["name"] for c in data["cases"]]
     assert names == ["train_step", "inference", "matcher", "train_memory", "tiny_train"]
     for c in data["cases"]:
@@ -36,7 +39,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     memory = data["cases"][3]["mfcore"]
     assert set(data["checks"]["operators_per_forward"]) == {"mfcore"}
     assert memory["peak_mib"] >= memory["before_step_mib"] > 0
-    markdown = (tmp_path / "cpu-quick.md").read_text()
+    markdown = (tmp_path / f"{family}-quick.md").read_text()
     for name in names:
         assert f"| {name} |" in markdown
     assert f"mfcore sources sha256 {source_digest()[:12]}" in markdown
@@ -121,9 +124,10 @@ def test_only_runs_the_named_parts_into_a_file_of_their_own(tmp_path):
     result = main(device="cpu", threads=1, quick=True, warmup=0, out_dir=str(tmp_path), compare=False,
                   only=["tiny", "matcher"], log=lambda _: None)
     assert [c["name"] for c in result["cases"]] == ["matcher", "tiny_train"] and result["only"] == ["matcher", "tiny"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cpu-quick-only-matcher-tiny.json",
-                                                          "cpu-quick-only-matcher-tiny.md"]
-    assert (tmp_path / "cpu-quick-only-matcher-tiny.md").read_text().startswith(
+    family = f"cpu-{cpu_family_tag()}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{family}-quick-only-matcher-tiny.json",
+                                                          f"{family}-quick-only-matcher-tiny.md"]
+    assert (tmp_path / f"{family}-quick-only-matcher-tiny.md").read_text().startswith(
         "# mfcore benchmarks (cpu, quick, only matcher, tiny)")
 
 
