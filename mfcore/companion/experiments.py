@@ -77,7 +77,9 @@ def pretrained_backbone(ctx: Context) -> str:
 
     cfg = dataclasses.replace(ctx.profile.pretrain, backbone=ctx.profile.backbone)
     classes = f"h{cfg.num_hues}" if cfg.design == "hue" else f"p{cfg.num_primitives}"
-    tag = f"{cfg.backbone}-{classes}-n{cfg.num_train}-i{cfg.iters}-s{cfg.seed}"
+    # every field is in the name (a digest of them), so a changed pretraining option never reuses old weights
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(cfg), sort_keys=True).encode()).hexdigest()[:8]
+    tag = f"{cfg.backbone}-{classes}-s{cfg.image_size}-n{cfg.num_train}-i{cfg.iters}-{digest}"
     out = Path(ctx.cache_dir) / "pretrained" / f"{tag}.pt"
     pretrain_backbone(cfg, out, Path(ctx.cache_dir) / "pretrained" / f"data-{tag}", ctx.device, ctx.progress)
     return str(out)

@@ -50,16 +50,37 @@ def measure_lever(profile: str, num_classes: int, changes: dict, models: tuple[s
     ctx = make_context(profile, results_dir=str(out / tag), profile_overrides={**overrides, "name": tag})
     specs = [synthetic_spec(ctx, model, num_classes, seed=seed) for model in models]
     train_runs(ctx, specs, workers=workers)
+    path = out / f"{tag}.json"
+    earlier = json.loads(path.read_text())["models"] if path.is_file() else {}  # models measured by another call
     summary = {"profile": profile, "num_classes": num_classes, "seed": seed, "changes": changes,
-               "protocol": ctx.profile.describe(), "models": {}}
+               "protocol": ctx.profile.describe(), "models": earlier}
     for model, spec in zip(models, specs):
         run_dir = ctx.runs_dir / spec.name
         final = json.loads((run_dir / "final.json").read_text())
         sem = final["metrics"]["semantic"]
         summary["models"][model] = {"mIoU": sem["mIoU"], "PQ_St": sem.get("PQ_St"), "seconds": final["seconds"],
                                     "curve": eval_curve(run_dir)}
-    write_json(out / f"{tag}.json", summary)
+    write_json(path, summary)
     return summary
+
+
+def lever_table(folder: Path | None = None) -> "pd.DataFrame":
+    """One row per measured lever (`<results>/levers/*.json` with both models): what was changed, each model's
+    final val mIoU / PQ^St and MaskFormer minus PerPixelBaseline+ (the sign Table 2's claim is about)."""
+    import pandas as pd
+
+    rows = []
+    for path in sorted(Path(folder or REPO / "results" / "levers").glob("*.json")):
+        lever = json.loads(path.read_text())
+        models = lever["models"]
+        if not all(m in models for m in MODELS):
+            continue
+        pp, mf = models["perpixelplus"], models["maskformer"]
+        changed = ", ".join(f"{k}={v}" for k, v in sorted(lever["changes"].items())) or "(profile as is)"
+        rows.append({"K": lever["num_classes"], "changed": changed, "seed": lever["seed"],
+                     "PP+ mIoU": pp["mIoU"], "MF mIoU": mf["mIoU"], "gap mIoU": mf["mIoU"] - pp["mIoU"],
+                     "PP+ PQ^St": pp["PQ_St"], "MF PQ^St": mf["PQ_St"], "gap PQ^St": mf["PQ_St"] - pp["PQ_St"]})
+    return pd.DataFrame(rows).round(1)
 
 
 def _value(text: str):
