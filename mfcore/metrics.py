@@ -66,19 +66,24 @@ class SemSegEvaluator:
         self.conf = conf.cpu()
 
     def compute(self) -> dict:
-        """{"mIoU", "pixel_acc", "mAcc", "per_class_iou"} in percent; per-class IoU is nan for classes
-        absent from the ground truth (detectron2's rule: they do not enter the means)."""
+        """{"mIoU", "pixel_acc", "mAcc", "per_class_iou"} in percent.
+
+        detectron2's rule, which the paper's numbers use: a class enters mIoU when it is in the ground truth
+        or in the prediction (TP + FP + FN > 0), so a class predicted but absent from the ground truth counts
+        as IoU 0; per-class IoU is nan only for classes neither present nor predicted. mAcc averages over the
+        classes present in the ground truth."""
         conf = self.conf.double().numpy()
         tp = np.diag(conf[:, : self.num_classes])
         pos_gt = conf.sum(axis=1)  # includes pixels predicted VOID
         pos_pred = conf[:, : self.num_classes].sum(axis=0)
         present = pos_gt > 0
+        seen = present | (pos_pred > 0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            iou = np.where(present, tp / (pos_gt + pos_pred - tp), np.nan)  # IoU = TP / (TP + FP + FN)
+            iou = np.where(seen, tp / (pos_gt + pos_pred - tp), np.nan)  # IoU = TP / (TP + FP + FN)
             acc = np.where(present, tp / pos_gt, np.nan)
         total = pos_gt.sum()
         return {
-            "mIoU": float(np.mean(iou[present])) * 100 if present.any() else math.nan,
+            "mIoU": float(np.mean(iou[seen])) * 100 if seen.any() else math.nan,
             "pixel_acc": float(tp.sum() / total) * 100 if total > 0 else math.nan,
             "mAcc": float(np.mean(acc[present])) * 100 if present.any() else math.nan,
             "per_class_iou": (iou * 100).tolist(),

@@ -37,14 +37,16 @@ def test_semseg_hand_computed_confusion_matrix():
     assert out["mAcc"] == pytest.approx(100 * (3 / 4 + 2 / 3 + 0) / 3)
 
 
-def test_semseg_absent_classes_are_nan_and_excluded():
+def test_semseg_a_class_predicted_but_absent_counts_as_zero():
     ev = SemSegEvaluator(num_classes=4)
     ev.update(np.array([[0, 0, 3, 1]]), np.array([[0, 0, 0, 1]]))
     out = ev.compute()
-    # Classes 2 (nowhere) and 3 (predicted only) are absent from the gt: nan, out of the mean.
-    assert math.isnan(out["per_class_iou"][2]) and math.isnan(out["per_class_iou"][3])
+    # Class 2 is nowhere: nan, out of the mean. Class 3 is predicted but absent from the gt: IoU 0, in the
+    # mean (detectron2's rule); mAcc still averages over the classes of the gt.
+    assert math.isnan(out["per_class_iou"][2]) and out["per_class_iou"][3] == 0.0
     assert out["per_class_iou"][:2] == pytest.approx([100 * 2 / 3, 100.0])
-    assert out["mIoU"] == pytest.approx(100 * (2 / 3 + 1) / 2)
+    assert out["mIoU"] == pytest.approx(100 * (2 / 3 + 1 + 0) / 3)
+    assert out["mAcc"] == pytest.approx(100 * (2 / 3 + 1) / 2)
 
 
 def test_semseg_errors_and_counts_add_up():
