@@ -7,8 +7,9 @@ CPU (R50 = MaskFormer ResNet-50, K=150 classes, N=100 queries, 6 decoder layers;
   inference     eval forward + semantic inference to a label map, 512x512, batch 1
   matcher       Hungarian matching alone: B=2, N=100, K=150, 64x64 predictions, 8 segments per image
   train_memory  extra memory of one train_step, each side in a fresh process (RSS high-water mark)
-  tiny_train    synthetic-maskformer-tiny, 64x64, batch 16, full optimiser steps (mfcore only): the
-                throughput the notebooks' training waits on
+  small_train   the four small models of the tables (perpixel, perpixelplus, maskformer-fixed, maskformer) as
+                the quick profile trains them, 64x64, batch 16, full optimiser steps (mfcore only; with
+                --compile also compiled): the throughput the notebooks' training waits on
 GPU (`--device cuda`): training img/s of R50 at 512x512, batch 8, in fp32 and bf16 autocast; inference
 img/s at batch 1 (the paper: 24.5 fps on a V100) and batch 16; the achieved FLOP rate against the GPU's
 datasheet peak; matcher and memory (torch.cuda.max_memory_allocated) as on CPU.
@@ -48,11 +49,13 @@ from benchmarks.bench_steps import (
     measure_memory,
     memory_case,
     normalized,
-    tiny_step,
+    SMALL_MODELS,
+    small_step,
     train_step,
 )
 from mfcore import fast
 from mfcore.companion.analysis import count_macs
+from mfcore.companion.profiles import get_profile
 from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
 from mfcore.training.runtime import resolve_device
@@ -65,7 +68,7 @@ GPU_PEAKS = (("H100 PCIe", (51.2, 378.0, 756.0)), ("H100 NVL", (60.0, 417.5, 835
 
 
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune")
-PARTS = ("train", "inference", "matcher", "memory", "tiny")  # --only: the GPU suite has no "tiny"
+PARTS = ("train", "inference", "matcher", "memory", "small")
 
 
 def gpu_peak_tflops(name: str, amp: str | None) -> tuple[float | None, str]:
@@ -120,10 +123,26 @@ def _contenders(impls: list[str], device: torch.device, compile_mode: str | None
     return eager, timed
 
 
+def small_cases(device: torch.device, sizes: dict, reps: int, warmup: int, compile_mode: str | None,
+                log: Callable[[str], None]) -> list[dict]:
+    """Training img/s of each small model of the tables (SMALL_MODELS), eager, and compiled with a compile_mode."""
+    size, batch = sizes["small"]
+    cases = []
+    for model in SMALL_MODELS:
+        for compiled in (False, True) if compile_mode else (False,):
+            name = f"small_train[{model}{', compiled' if compiled else ''}]"
+            log(f"{name}: {size}x{size}, batch {batch}")
+            step = small_step(model, size, batch, device, compiled)
+            cases.append(case(name, f"{model} as the quick profile trains it (K={get_profile('quick').base_classes}), "
+                              f"{size}x{size}, batch {batch}, optimiser steps",
+                              alternate({"mfcore": step}, reps, warmup, device), per_call=batch, unit="img/s"))
+    return cases
+
+
 def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf: bool, threads: int,
               parts: frozenset[str], compile_mode: str | None, log: Callable[[str], None]) -> tuple[list[dict], dict]:
     impls = ["mfcore", "transformers"] if with_hf else ["mfcore"]
-    eager, models = _contenders(impls, device, compile_mode)  # also for --only matcher/tiny: a few seconds
+    eager, models = _contenders(impls, device, compile_mode)  # also for --only matcher/small: a few seconds
     cases, checks = [], {}
     if with_hf and "train" in parts:
         checks["loss_on_same_predictions"] = loss_cross_check(models["transformers"], sizes["train"][0], device)
@@ -164,12 +183,8 @@ def cpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         cases.append(memory_case("train_memory", f"peak RSS over 2 train steps minus RSS before them ({size}x{size}, "
                                  f"batch {batch}), fresh process per side", results))
 
-    if "tiny" in parts:
-        size, batch = sizes["tiny"]
-        log(f"tiny_train: synthetic-maskformer-tiny {size}x{size}, batch {batch}")
-        step = tiny_step(size, batch, device)
-        cases.append(case("tiny_train", f"synthetic-maskformer-tiny, {size}x{size}, batch {batch}, optimiser steps",
-                          alternate({"mfcore": step}, reps, warmup, device), per_call=batch, unit="img/s"))
+    if "small" in parts:
+        cases += small_cases(device, sizes, reps, warmup, compile_mode, log)
     return cases, checks
 
 
@@ -225,6 +240,8 @@ def gpu_suite(device: torch.device, sizes: dict, reps: int, warmup: int, with_hf
         results = {impl: measure_memory(impl, device, size, batch, threads) for impl in impls}
         cases.append(memory_case("train_memory", f"torch.cuda.max_memory_allocated over 2 fp32 train steps minus "
                                  f"memory_allocated before ({size}x{size}, batch {batch})", results, GPU_TARGETS))
+    if "small" in parts:
+        cases += small_cases(device, sizes, reps, warmup, compile_mode, log)
     return cases, checks
 
 

@@ -6,6 +6,7 @@ Every closure runs one complete unit of work (a training step, a prediction, a m
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -27,19 +28,20 @@ from mfcore.files import REPO
 from mfcore.inference import semantic_inference
 from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
-from mfcore.presets import get_preset
+from mfcore.companion.profiles import get_profile
+from mfcore.presets import get_preset, with_classes
 from mfcore.training.solver import build_optimizer, clip_gradients
 
 R50 = "ade20k-maskformer-r50"     # K=150, N=100, 6 decoder layers: the issue's configuration
-TINY = "synthetic-maskformer-tiny"
+SMALL_MODELS = ("perpixel", "perpixelplus", "maskformer-fixed", "maskformer")  # small rows, quick protocol
 NOISY_SPREAD = 1.3                 # median / fastest call above this: the machine was busy, rerun when idle
 SEGMENTS = 8                       # ground-truth segments per image (ADE20K averages 8.2 classes per image)
 TARGETS = {"train_step": 0.8, "inference": 0.7, "matcher": 0.5, "train_memory": 1.0}  # CPU, mfcore / transformers
 GPU_TARGETS = {"train_fp32": 1.0, "train_bf16": 1.0, "train_memory": 1.0}  # GPU: ahead of transformers on it
 GPU_FPS_TARGET = 3 * TABLE1[R50]["fps"]  # inference_fp32_b1, img/s: 3x the paper's V100 (24.5 fps)
 SIZES = {  # full and --quick problem sizes
-    "full": dict(train=(256, 2), infer=(512, 1), match=64, tiny=(64, 16), gpu_train=(512, 8), gpu_infer=(512, 16)),
-    "quick": dict(train=(64, 1), infer=(64, 1), match=16, tiny=(64, 4), gpu_train=(128, 2), gpu_infer=(128, 4)),
+    "full": dict(train=(256, 2), infer=(512, 1), match=64, small=(64, 16), gpu_train=(512, 8), gpu_infer=(512, 16)),
+    "quick": dict(train=(64, 1), infer=(64, 1), match=16, small=(64, 4), gpu_train=(128, 2), gpu_infer=(128, 4)),
 }
 
 
@@ -150,18 +152,24 @@ def matchers(outputs: dict, targets: list[dict], with_hf: bool) -> dict[str, Cal
     return fns
 
 
-def tiny_step(size: int, batch: int, device: torch.device, seed: int = 0) -> Callable[[], None]:
-    """One full optimiser step of the small CPU preset (what the notebooks wait for)."""
-    preset = get_preset(TINY)
+def small_step(model_name: str, size: int, batch: int, device: torch.device, compiled: bool = False,
+               seed: int = 0) -> Callable[[], None]:
+    """One full optimiser step of a small model as the quick profile trains it (its width, memory, N; K = its
+    base K), from a random backbone: what every notebook and trained table waits for."""
+    profile = get_profile("quick")
+    preset = get_preset(f"synthetic-{model_name}-{profile.backbone}")
+    config = with_classes(dataclasses.replace(preset.model, **profile.model_fields(model_name)), preset.loss,
+                          profile.base_classes)
     torch.manual_seed(seed)
-    model = fast.accelerate(build_model(preset.model).to(device).train())
-    criterion = fast.build_criterion(preset.loss.matcher, preset.model.num_classes, preset.model.num_queries,
-                                dec_layers=preset.model.dec_layers).to(device)
+    model = fast.accelerate(build_model(config).to(device).train())
+    criterion = fast.build_criterion(preset.loss.matcher, config.num_classes, config.num_queries,
+                                     dec_layers=config.dec_layers).to(device)
     optimizer = build_optimizer(model, preset.train)
-    images, targets = make_batch(batch, size, preset.model.num_classes, seed, device)
+    forward = torch.compile(model) if compiled else model
+    images, targets = make_batch(batch, size, config.num_classes, seed, device)
 
     def step() -> None:
-        total_loss(criterion(model(images), targets), criterion.weight_dict).backward()
+        total_loss(criterion(forward(images), targets), criterion.weight_dict).backward()
         clip_gradients(model, preset.train.clip_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

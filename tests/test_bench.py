@@ -7,6 +7,7 @@ import torch
 from benchmarks.bench import gpu_peak_tflops
 from benchmarks.bench_report import cpu_family_tag
 from benchmarks.bench_steps import (
+    SMALL_MODELS,
     alternate,
     case,
     count_operators,
@@ -31,7 +32,7 @@ def test_quick_bench_writes_json_and_markdown(tmp_path):
     assert env["machine"]["cpu"] and env["machine"]["load_average_end"] is not None
     assert env["machine"]["cpu_features"]["aten_capability"]  # which kernels ran: results compare per CPU family
     names = [c["name"] for c in data["cases"]]
-    assert names == ["train_step", "inference", "matcher", "train_memory", "tiny_train"]
+    assert names == ["train_step", "inference", "matcher", "train_memory"] + [f"small_train[{m}]" for m in SMALL_MODELS]
     for c in data["cases"]:
         assert c["mfcore"]["value"] > 0 and "transformers" not in c and "ratio" not in c
     timing = data["cases"][0]["mfcore"]
@@ -68,7 +69,7 @@ def test_ratios_targets_and_units():
     row = case("matcher", "x", {"mfcore": {"median_s": 3.0, "median_cpu_s": 1.0},
                                 "transformers": {"median_s": 4.0, "median_cpu_s": 1.0}})
     assert row["ratio"] == 0.75 and not row["met"]
-    row = case("tiny_train", "x", {"mfcore": {"median_s": 0.5, "median_cpu_s": 0.5}}, per_call=16, unit="img/s")
+    row = case("small_train[maskformer]", "x", {"mfcore": {"median_s": 0.5, "median_cpu_s": 0.5}}, per_call=16, unit="img/s")
     assert row["mfcore"]["value"] == 32 and "ratio" not in row
     row = memory_case("train_memory", "x", {"mfcore": {"step_mib": 300.0, "peak_mib": 900.0},
                                             "transformers": {"step_mib": 400.0, "peak_mib": 1000.0}})
@@ -122,13 +123,14 @@ def test_only_runs_the_named_parts_into_a_file_of_their_own(tmp_path):
     with pytest.raises(ValueError, match="trian"):
         main(quick=True, out_dir=str(tmp_path), only=["trian"])
     result = main(device="cpu", threads=1, quick=True, warmup=0, out_dir=str(tmp_path), compare=False,
-                  only=["tiny", "matcher"], log=lambda _: None)
-    assert [c["name"] for c in result["cases"]] == ["matcher", "tiny_train"] and result["only"] == ["matcher", "tiny"]
+                  only=["small", "matcher"], log=lambda _: None)
+    assert [c["name"] for c in result["cases"]] == ["matcher"] + [f"small_train[{m}]" for m in SMALL_MODELS]
+    assert result["only"] == ["matcher", "small"]
     family = f"cpu-{cpu_family_tag()}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{family}-quick-only-matcher-tiny.json",
-                                                          f"{family}-quick-only-matcher-tiny.md"]
-    assert (tmp_path / f"{family}-quick-only-matcher-tiny.md").read_text().startswith(
-        "# mfcore benchmarks (cpu, quick, only matcher, tiny)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{family}-quick-only-matcher-small.json",
+                                                          f"{family}-quick-only-matcher-small.md"]
+    assert (tmp_path / f"{family}-quick-only-matcher-small.md").read_text().startswith(
+        "# mfcore benchmarks (cpu, quick, only matcher, small)")
 
 
 def test_gpu_suite_code_runs_on_cpu_at_quick_sizes(one_thread):

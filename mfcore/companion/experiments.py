@@ -93,10 +93,7 @@ def synthetic_spec(ctx: Context, model: str, num_classes: int | None = None, see
     k = num_classes or p.base_classes
     dataset = "synthetic-panoptic" if panoptic else "synthetic"
     # one protocol for every model of a table: the same backbone, width, data, lr, schedule and iterations
-    overrides = {"pretrained": pretrained_backbone(ctx), "hidden_dim": p.width, "nheads": max(1, p.width // 16),
-                 "memory_feature": p.memory_feature, **model_overrides}
-    if model in ("maskformer", "maskformer-boxmatch") and "num_queries" not in overrides:
-        overrides["num_queries"] = p.num_queries
+    overrides = {"pretrained": pretrained_backbone(ctx), **p.model_fields(model), **model_overrides}
     train = {"iters": p.iters, "batch_size": p.batch_size, "lr": p.lr, "seed": seed,
              "checkpoint_period": max(1, p.iters // 4), "num_workers": 0 if p.name == "smoke" else 2,
              "eval_period": max(1, p.iters // p.curve_points) if p.curve_points > 1 else 0}

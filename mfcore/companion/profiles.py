@@ -61,6 +61,14 @@ class Profile:
                 f"{self.width}, {self.iters} iters x "
                 f"batch {self.batch_size}, lr {self.lr:g} for every model, seeds {list(self.seeds)}")
 
+    def model_fields(self, model: str) -> dict:
+        """The ModelConfig fields a synthetic run of `model` takes from the profile: one width, attention memory and
+        N for every compared model (N = K models keep one query per class)."""
+        fields = {"hidden_dim": self.width, "nheads": max(1, self.width // 16), "memory_feature": self.memory_feature}
+        if model in ("maskformer", "maskformer-boxmatch"):
+            fields["num_queries"] = self.num_queries
+        return fields
+
     def runs_table(self, name: str) -> bool:
         """Whether this profile trains the runs of table `name` (a notebook shows the others as not run)."""
         return not self.tables or name in self.tables
