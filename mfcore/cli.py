@@ -251,11 +251,9 @@ def _tables(args: argparse.Namespace) -> None:
         for path in write_table(table, ctx.results_dir):
             print(f"wrote {path}")
         if name == "table2":  # the trend figure notebook 06 draws
-            from mfcore.companion.figures import plot_table2_trend
-            from mfcore.companion.viz import save_figure
-
-            from mfcore.companion.figures import plot_learning_curves
+            from mfcore.companion.figures import plot_learning_curves, plot_table2_trend
             from mfcore.companion.tables import table2_curves
+            from mfcore.companion.viz import save_figure
 
             for figure in (save_figure(plot_table2_trend(table.frame), ctx.results_dir / "figures" / "06_table2_trend.png"),
                            save_figure(plot_learning_curves(table2_curves(ctx)),
