@@ -202,7 +202,7 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output {output_dir} is a file, not a run folder")
     base = get_preset(preset)  # bad values are refused before the run folder is created or locked
-    override(base.train, **(train_overrides or {}))
+    dataset_name(override(base.train, **(train_overrides or {})).dataset)
     override(base.model, **(model_overrides or {}))
     override(base.loss, **(loss_overrides or {}))
     device = du.init_distributed(resolve_device(device))
