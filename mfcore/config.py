@@ -43,6 +43,8 @@ class ModelConfig:
     gn_groups: int = 32               # GroupNorm groups in the pixel decoder (small models use fewer)
     drop_path: float = 0.0            # stochastic depth in Swin backbones (paper: 0.3)
     pretrained: str | None = None     # local backbone state-dict file; never downloaded
+    grad_checkpointing: bool = False  # recompute the backbone's blocks in the backward: less memory, the same
+                                      # gradients, ~1 more backbone forward (ResNets, Swin; timm's own for Swin)
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN  # RGB, 0..255 scale
     pixel_std: tuple[float, float, float] = PIXEL_STD
 

@@ -61,8 +61,9 @@ from mfcore.training.runtime import (
 )
 from mfcore.training.solver import build_optimizer, build_scheduler, clip_gradients
 
-# TrainConfig fields that do not change the result: a run may be resumed with other values
-RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers")
+# fields that do not change the result: a run may be resumed with other values (TrainConfig's, and
+# ModelConfig.grad_checkpointing: switched on after an out-of-memory, the same gradients)
+RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers", "grad_checkpointing")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -1,0 +1,51 @@
+"""Memory and speed switches: gradient checkpointing of the backbone."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mfcore import fast
+from mfcore.config import ModelConfig
+from mfcore.modeling.backbones import build_backbone
+from mfcore.modeling.models import build_model
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+SMALL_HEAD = dict(num_classes=5, num_queries=4, conv_dim=32, mask_dim=32, hidden_dim=32, nheads=2,
+                  dim_feedforward=64, dec_layers=2, gn_groups=8, dropout=0.0)
+
+
+def _saved_bytes(module: torch.nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward of module(x)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        module(x)
+    return total
+
+
+@pytest.mark.parametrize("backbone", ["r50", "swin-t"])
+def test_grad_checkpointing_gives_the_same_gradients_with_less_memory(backbone):
+    images = torch.rand(2, 3, 64, 64) * 255
+    grads, saved = [], []
+    for on in (False, True):
+        torch.manual_seed(0)
+        model = fast.accelerate(build_model(ModelConfig(backbone=backbone, grad_checkpointing=on, **SMALL_HEAD)))
+        model.train()
+        out = model(images)
+        (out["pred_logits"].square().mean() + out["pred_masks"].sigmoid().mean()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+        saved.append(_saved_bytes(model.backbone, images / 255))
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("backbone.") for n in grads[0])
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert saved[1] < saved[0] / 2  # only the blocks' inputs are kept
+
+
+def test_grad_checkpointing_is_refused_for_the_small_backbones():
+    with pytest.raises(ValueError, match="grad_checkpointing is available for the backbones r50, .*not 'tiny'"):
+        build_backbone("tiny", grad_checkpointing=True)
