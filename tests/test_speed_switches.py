@@ -1,4 +1,4 @@
-"""Memory and speed switches: gradient checkpointing of the backbone."""
+"""Memory and speed switches: gradient checkpointing of the backbone, TF32."""
 from __future__ import annotations
 
 import pytest
@@ -49,3 +49,21 @@ def test_grad_checkpointing_gives_the_same_gradients_with_less_memory(backbone):
 def test_grad_checkpointing_is_refused_for_the_small_backbones():
     with pytest.raises(ValueError, match="grad_checkpointing is available for the backbones r50, .*not 'tiny'"):
         build_backbone("tiny", grad_checkpointing=True)
+
+
+def test_tf32_is_on_by_default_only_on_cuda_of_compute_capability_8(monkeypatch):
+    from mfcore.config import TrainConfig
+    from mfcore.training.runtime import set_tf32
+
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn)
+    before = [f.allow_tf32 for f in flags]
+    assert TrainConfig().tf32 is True
+    assert set_tf32(True, torch.device("cpu")) is False and [f.allow_tf32 for f in flags] == before  # a no-op
+    try:
+        for capability, expected in (((7, 5), before), ((8, 0), [True, True]), ((9, 0), [True, True])):
+            monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+            assert set_tf32(True, torch.device("cuda", 0)) is (capability >= (8, 0))
+            assert [f.allow_tf32 for f in flags] == expected, capability
+        assert set_tf32(False, torch.device("cuda", 0)) is False and [f.allow_tf32 for f in flags] == [False, False]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

@@ -44,7 +44,7 @@ from mfcore.training.checkpoint import (
     configs_from_checkpoint,
     load_trained_model,
 )
-from mfcore.training.runtime import checkpoint_dataset, resolve_device
+from mfcore.training.runtime import checkpoint_dataset, resolve_device, set_tf32
 
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
 
@@ -211,6 +211,7 @@ def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: b
         raise ValueError(f"{checkpoint} holds NaN/inf in {len(bad)} weight tensor(s) (first: {bad[0]}): the run "
                          f"diverged; there is nothing meaningful to evaluate")
     preset, model_cfg, loss_cfg, train_cfg = configs_from_checkpoint(ckpt)
+    set_tf32(train_cfg.tf32, device)
     model.to(device)
     dataset = checkpoint_dataset(checkpoint, model_cfg, train_cfg, data_root, split)
     start = time.perf_counter()

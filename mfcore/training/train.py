@@ -58,12 +58,14 @@ from mfcore.training.runtime import (
     ignore_stop_signals,
     resolve_device,
     seed_everything,
+    set_tf32,
 )
 from mfcore.training.solver import build_optimizer, build_scheduler, clip_gradients
 
 # fields that do not change the result: a run may be resumed with other values (TrainConfig's, and
-# ModelConfig.grad_checkpointing: switched on after an out-of-memory, the same gradients)
-RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers", "grad_checkpointing")
+# ModelConfig.grad_checkpointing: switched on after an out-of-memory, the same gradients); tf32 changes only
+# the float rounding on a GPU, as moving the run to another GPU would
+RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers", "grad_checkpointing", "tf32")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -226,6 +228,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
                          f"grad_accum={cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    set_tf32(cfg.tf32, device)
     if resume == "auto":  # decided under the run lock; every process sees the same (shared) run folder
         resume = ckpt_path.is_file()
         if main:
