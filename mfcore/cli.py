@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> None:
     try:
         result = train(args.preset, args.output, args.data_root, train_overrides=overrides,
                        model_overrides=sections["model"], loss_overrides=sections["loss"], resume=args.resume,
-                       progress=args.progress, device=args.device, stop_at=args.stop_at)
+                       progress=args.progress, device=args.device, stop_at=args.stop_at,
+                       compile_options=None if args.compile is None else {"mode": args.compile})
         main_process = is_main_process()
     finally:
         cleanup()  # leave the torchrun process group (no-op in a single process)
@@ -142,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; applied after --config, before --iters/--lr/...)")
     p.add_argument("--config", metavar="FILE.json",
                    help='overrides from a JSON file: {"model": {...}, "train": {...}, "loss": {...}}')
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   metavar="MODE", help="train through torch.compile(model, mode=MODE) (default mode; the first "
+                                        "step compiles)")
     p.add_argument("--no-fast", action="store_true",
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_train)

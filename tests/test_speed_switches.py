@@ -67,3 +67,41 @@ def test_tf32_is_on_by_default_only_on_cuda_of_compute_capability_8(monkeypatch)
         assert set_tf32(False, torch.device("cuda", 0)) is False and [f.allow_tf32 for f in flags] == [False, False]
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_train_compiled_matches_eager(tmp_path):
+    from mfcore.data import make_synthetic
+    from mfcore.training.checkpoint import load_checkpoint
+    from mfcore.training.train import train
+
+    root = tmp_path / "data"
+    make_synthetic(root, num_classes=4, num_train=4, num_val=1, image_size=32, workers=1)
+    fast_run = dict(crop_size=(32, 32), short_sides=(32,), max_size=64, test_short_side=32, batch_size=2,
+                    num_workers=0, iters=2)
+    graphs = []
+
+    def eager_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)  # what backend="eager" does, and a record that the model went through dynamo
+        return graph.forward
+
+    weights = []
+    for name, options in (("eager", None), ("compiled", {"backend": eager_backend})):
+        train("synthetic-maskformer-tiny", tmp_path / name, root, train_overrides=fast_run, progress="off",
+              device="cpu", compile_options=options)
+        weights.append(load_checkpoint(tmp_path / name / "last.pt")["model"])
+    assert graphs and not any(k.startswith("_orig_mod.") for k in weights[1])
+    for key, value in weights[0].items():
+        torch.testing.assert_close(weights[1][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("flag, expected", [([], None), (["--compile"], {"mode": "default"}),
+                                            (["--compile", "max-autotune"], {"mode": "max-autotune"})])
+def test_train_compile_flag(flag, expected, monkeypatch):
+    import mfcore.training.train as train_module
+    from mfcore.cli import main
+
+    seen = {}
+    monkeypatch.setattr(train_module, "train", lambda *args, **kwargs: seen.update(kwargs) or
+                        {"eval": None, "status": "finished"})
+    main(["train", "--preset", "synthetic-maskformer-tiny", "--output", "unused", "--progress", "off", *flag])
+    assert seen["compile_options"] == expected
