@@ -230,11 +230,32 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--nproc-per-node", type=int, default=1, help=">1: training runs go through torchrun")
     p.add_argument("--workers", type=int, help="training runs side by side (default: the profile's)")
+    p.add_argument("--print-commands", action="store_true",
+                   help="train nothing: print one `mfcore train` command per run, for a cluster job array "
+                        "(README, SLURM); then run this command again without it to evaluate and write the results")
+
+
+def _print_commands(ctx, specs: list) -> None:
+    """One training command per run (`experiments.train_command`), each run once, on stdout."""
+    import shlex
+
+    from mfcore.companion.experiments import train_command
+
+    for spec in {s.name: s for s in specs}.values():
+        print(shlex.join(train_command(ctx, spec)), flush=True)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
     from mfcore.companion.reproduce import reproduce
 
+    if args.print_commands:  # the runs the pipeline trains: every table's, and the notebooks' reference runs
+        from mfcore.companion.experiments import base_spec, make_context
+        from mfcore.companion.tables import planned_runs
+
+        ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "off",
+                           args.nproc_per_node, None, args.cache_dir)
+        _print_commands(ctx, planned_runs(ctx) + [base_spec(ctx), base_spec(ctx, panoptic=True)])
+        return
     reproduce(args.profile, args.results_dir, args.data_root or None, args.device, args.nproc_per_node, args.only,
               cache_dir=args.cache_dir or None, workers=args.workers)
 
@@ -245,9 +266,13 @@ def _tables(args: argparse.Namespace) -> None:
 
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters,
                  "class_counts": tuple(args.class_counts) if args.class_counts else None}
-    ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "log",
-                       args.nproc_per_node, {k: v for k, v in overrides.items() if v is not None}, args.cache_dir)
+    ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device,
+                       "off" if args.print_commands else "log", args.nproc_per_node,
+                       {k: v for k, v in overrides.items() if v is not None}, args.cache_dir)
     names = args.names or list(TABLES)
+    if args.print_commands:  # e.g. on a login node without a GPU; a missing dataset is still refused
+        _print_commands(ctx, planned_runs(ctx, names))
+        return
     check_requirements(ctx, args.names or None)  # before any work: no GPU, paper data missing
     train_runs(ctx, planned_runs(ctx, names), args.workers or ctx.profile.parallel_runs)
     for name in names:
