@@ -75,7 +75,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.no_fast:
         fast.set_enabled(False)
     result = evaluate(args.checkpoint, args.data_root, tta=args.tta, split=args.split, output=args.output,
-                      device=args.device, max_images=args.max_images, inference=args.inference)
+                      device=args.device, max_images=args.max_images, inference=args.inference,
+                      log=lambda line: print(line, flush=True))
     for task, metrics in result["metrics"].items():
         if isinstance(metrics, dict):
             print(task + ": " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()

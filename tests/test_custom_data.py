@@ -90,7 +90,8 @@ def test_a_custom_dataset_trains_and_evaluates(layout, tmp_path, capsys):
     assert ckpt["classes"] == {"names": ["grass", "sky", "ball"], "thing_ids": [2]}
     capsys.readouterr()
     main(["evaluate", str(run / "last.pt"), "--data-root", str(root), "--device", "cpu"])
-    assert "mIoU" in capsys.readouterr().out and (run / "eval_val.json").is_file()
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "eval: 4/4 images" in out and (run / "eval_val.json").is_file()  # progress lines
 
 
 def _no_classes(root: Path) -> None:
