@@ -23,8 +23,8 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 # train / evaluate / convert-checkpoint: TrainConfig fields settable from the command line
-TRAIN_FLAGS = {"dataset": str, "iters": int, "batch_size": int, "lr": float, "amp": str, "grad_accum": int, "seed": int,
-               "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
+TRAIN_FLAGS = {"dataset": str, "iters": int, "batch_size": int, "lr": float, "amp": str, "grad_accum": int,
+               "seed": int, "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
 
 
 def _resume_mode(text: str) -> str:

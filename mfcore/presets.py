@@ -102,9 +102,9 @@ def adapt_to_data(preset: Preset, model: ModelConfig, num_classes: int, explicit
     """The model config of a run of `preset` on a dataset with K = `num_classes` classes.
 
     K comes from the data. A run on the synthetic scenes or on your own data (`CLASSES_FROM_DATA`) takes it
-    (and N = K where `one_query_per_class`); a benchmark dataset must have its preset's K. `explicit`: the ModelConfig fields the user set (e.g. --set); an
-    explicit num_classes, or an explicit num_queries of an N = K model, that differs from the data's K is
-    an error naming both values, never silently replaced.
+    (and N = K where `one_query_per_class`); a benchmark dataset must have its preset's K. `explicit`: the
+    ModelConfig fields the user set (e.g. --set); an explicit num_classes, or an explicit num_queries of an
+    N = K model, that differs from the data's K is an error naming both values, never silently replaced.
     """
     explicit = explicit or {}
     for key in ("num_classes", "num_queries"):

@@ -95,14 +95,14 @@ class Backbone(nn.Module):
 class ResNetBackbone(Backbone):
     """timm's ResNet without pooling and classifier; names match torchvision (conv1, bn1, layer1..4)."""
 
+    grad_checkpointing = False  # set_grad_checkpointing
+
     def __init__(self, net: ResNet):
         super().__init__()
         self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         # feature_info[0] is the stem (stride 2); entries 1..4 are layer1..4 at strides 4..32
         self.out_channels = {f: info["num_chs"] for f, info in zip(FEATURES, net.feature_info[1:])}
-
-    grad_checkpointing = False
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Keep only each block's input in the forward and recompute the block in the backward (less
