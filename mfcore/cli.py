@@ -23,8 +23,8 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 # train / evaluate / convert-checkpoint: TrainConfig fields settable from the command line
-TRAIN_FLAGS = {"iters": int, "batch_size": int, "lr": float, "amp": str, "grad_accum": int, "seed": int,
-               "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
+TRAIN_FLAGS = {"dataset": str, "iters": int, "batch_size": int, "lr": float, "amp": str, "grad_accum": int,
+               "seed": int, "eval_period": int, "checkpoint_period": int, "log_period": int, "num_workers": int}
 
 
 def _resume_mode(text: str) -> str:
@@ -55,7 +55,8 @@ def _train(args: argparse.Namespace) -> None:
     try:
         result = train(args.preset, args.output, args.data_root, train_overrides=overrides,
                        model_overrides=sections["model"], loss_overrides=sections["loss"], resume=args.resume,
-                       progress=args.progress, device=args.device, stop_at=args.stop_at)
+                       progress=args.progress, device=args.device, stop_at=args.stop_at,
+                       compile_options=None if args.compile is None else {"mode": args.compile})
         main_process = is_main_process()
     finally:
         cleanup()  # leave the torchrun process group (no-op in a single process)
@@ -74,7 +75,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.no_fast:
         fast.set_enabled(False)
     result = evaluate(args.checkpoint, args.data_root, tta=args.tta, split=args.split, output=args.output,
-                      device=args.device, max_images=args.max_images, inference=args.inference)
+                      device=args.device, max_images=args.max_images, inference=args.inference,
+                      log=lambda line: print(line, flush=True))
     for task, metrics in result["metrics"].items():
         if isinstance(metrics, dict):
             print(task + ": " + "  ".join(f"{k} {v:.2f}" for k, v in metrics.items()
@@ -142,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; applied after --config, before --iters/--lr/...)")
     p.add_argument("--config", metavar="FILE.json",
                    help='overrides from a JSON file: {"model": {...}, "train": {...}, "loss": {...}}')
+    p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
+                   metavar="MODE", help="train through torch.compile(model, mode=MODE) (default mode; the first "
+                                        "step compiles)")
     p.add_argument("--no-fast", action="store_true",
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_train)
@@ -226,11 +231,32 @@ def _add_profile_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--nproc-per-node", type=int, default=1, help=">1: training runs go through torchrun")
     p.add_argument("--workers", type=int, help="training runs side by side (default: the profile's)")
+    p.add_argument("--print-commands", action="store_true",
+                   help="train nothing: print one `mfcore train` command per run, for a cluster job array "
+                        "(README, SLURM); then run this command again without it to evaluate and write the results")
+
+
+def _print_commands(ctx, specs: list) -> None:
+    """One training command per run (`experiments.train_command`), each run once, on stdout."""
+    import shlex
+
+    from mfcore.companion.experiments import train_command
+
+    for spec in {s.name: s for s in specs}.values():
+        print(shlex.join(train_command(ctx, spec)), flush=True)
 
 
 def _reproduce(args: argparse.Namespace) -> None:
     from mfcore.companion.reproduce import reproduce
 
+    if args.print_commands:  # the runs the pipeline trains: every table's, and the notebooks' reference runs
+        from mfcore.companion.experiments import base_spec, make_context
+        from mfcore.companion.tables import planned_runs
+
+        ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "off",
+                           args.nproc_per_node, None, args.cache_dir)
+        _print_commands(ctx, planned_runs(ctx) + [base_spec(ctx), base_spec(ctx, panoptic=True)])
+        return
     reproduce(args.profile, args.results_dir, args.data_root or None, args.device, args.nproc_per_node, args.only,
               cache_dir=args.cache_dir or None, workers=args.workers)
 
@@ -241,9 +267,13 @@ def _tables(args: argparse.Namespace) -> None:
 
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters,
                  "class_counts": tuple(args.class_counts) if args.class_counts else None}
-    ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device, "log",
-                       args.nproc_per_node, {k: v for k, v in overrides.items() if v is not None}, args.cache_dir)
+    ctx = make_context(args.profile, args.results_dir, args.data_root or None, args.device,
+                       "off" if args.print_commands else "log", args.nproc_per_node,
+                       {k: v for k, v in overrides.items() if v is not None}, args.cache_dir)
     names = args.names or list(TABLES)
+    if args.print_commands:  # e.g. on a login node without a GPU; a missing dataset is still refused
+        _print_commands(ctx, planned_runs(ctx, names))
+        return
     check_requirements(ctx, args.names or None)  # before any work: no GPU, paper data missing
     train_runs(ctx, planned_runs(ctx, names), args.workers or ctx.profile.parallel_runs)
     for name in names:

@@ -43,6 +43,8 @@ class ModelConfig:
     gn_groups: int = 32               # GroupNorm groups in the pixel decoder (small models use fewer)
     drop_path: float = 0.0            # stochastic depth in Swin backbones (paper: 0.3)
     pretrained: str | None = None     # local backbone state-dict file; never downloaded
+    grad_checkpointing: bool = False  # recompute the backbone's blocks in the backward: less memory, the same
+                                      # gradients, ~1 more backbone forward (ResNets, Swin; timm's own for Swin)
     pixel_mean: tuple[float, float, float] = PIXEL_MEAN  # RGB, 0..255 scale
     pixel_std: tuple[float, float, float] = PIXEL_STD
 
@@ -199,6 +201,8 @@ class TrainConfig:
     warmup_iters: int = 0                     # linear warm-up (Swin: 1500)
     clip_grad_norm: float = 0.01              # whole-model L2 gradient clipping
     amp: str = "off"                          # off (fp32, as the paper) | bf16 | fp16
+    tf32: bool = True                         # fp32 matmuls/convs in TF32 on CUDA GPUs of compute capability >= 8
+                                              # (runtime.set_tf32); false: strict fp32; nothing on CPU
     grad_accum: int = 1                       # micro-batches per optimiser step
     object_mask_threshold: float = 0.8        # panoptic inference (ADE20K panoptic 0.7)
     overlap_threshold: float = 0.8

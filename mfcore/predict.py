@@ -154,7 +154,7 @@ def predict(inputs: Sequence[str | Path], checkpoint: str | Path, task: str = "s
     for the files written. `log` gets one line per image (None: silent).
     Returns {"images": [{"image", "outputs": [paths], "classes": [ids present]}], "out": folder}."""
     from mfcore.training.checkpoint import configs_from_checkpoint, load_trained_model
-    from mfcore.training.runtime import resolve_device
+    from mfcore.training.runtime import resolve_device, set_tf32
 
     if task not in TASKS:
         raise ValueError(f"task={task!r}: expected one of {', '.join(TASKS)}")
@@ -165,6 +165,7 @@ def predict(inputs: Sequence[str | Path], checkpoint: str | Path, task: str = "s
     device_ = resolve_device(device)
     model, ckpt = load_trained_model(checkpoint)
     preset, model_cfg, _, train_cfg = configs_from_checkpoint(ckpt)
+    set_tf32(train_cfg.tf32, device_)
     if task != "semantic" and model_cfg.arch != "maskformer":
         raise ValueError(f"--task {task} needs a mask-classification model; {checkpoint} is a {model_cfg.arch} "
                          f"model ({preset}): use --task semantic")

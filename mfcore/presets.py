@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from mfcore.config import LossConfig, ModelConfig, TrainConfig, override
-from mfcore.data.catalog import SYNTHETIC
+from mfcore.data.catalog import CLASSES_FROM_DATA
 
 
 @dataclass
@@ -101,10 +101,10 @@ def with_classes(model: ModelConfig, loss: LossConfig, num_classes: int) -> Mode
 def adapt_to_data(preset: Preset, model: ModelConfig, num_classes: int, explicit: dict | None = None) -> ModelConfig:
     """The model config of a run of `preset` on a dataset with K = `num_classes` classes.
 
-    K comes from the data. The synthetic presets take it (and N = K where `one_query_per_class`); a real
-    dataset must have its preset's K. `explicit`: the ModelConfig fields the user set (e.g. --set); an
-    explicit num_classes, or an explicit num_queries of an N = K model, that differs from the data's K is
-    an error naming both values, never silently replaced.
+    K comes from the data. A run on the synthetic scenes or on your own data (`CLASSES_FROM_DATA`) takes it
+    (and N = K where `one_query_per_class`); a benchmark dataset must have its preset's K. `explicit`: the
+    ModelConfig fields the user set (e.g. --set); an explicit num_classes, or an explicit num_queries of an
+    N = K model, that differs from the data's K is an error naming both values, never silently replaced.
     """
     explicit = explicit or {}
     for key in ("num_classes", "num_queries"):
@@ -116,7 +116,7 @@ def adapt_to_data(preset: Preset, model: ModelConfig, num_classes: int, explicit
                              f"K={num_classes} classes{rule}")
     if num_classes == model.num_classes:
         return model
-    if preset.train.dataset not in SYNTHETIC:
+    if preset.train.dataset not in CLASSES_FROM_DATA:
         raise ValueError(f"dataset {preset.train.dataset} has {num_classes} classes but the model has "
                          f"{model.num_classes} (preset {preset.name})")
     return with_classes(model, preset.loss, num_classes)

@@ -170,6 +170,23 @@ def _run_torchrun(ctx: Context, spec: RunSpec, out: Path, resume: bool) -> dict:
     return {"metrics": evaluated["metrics"], "iteration": evaluated["iteration"], "config": evaluated["config"]}
 
 
+def train_command(ctx: Context, spec: RunSpec) -> list[str]:
+    """The command that trains `spec` into its run folder on its own, e.g. as one task of a cluster job array
+    (`tables --print-commands`): `python -m mfcore train` (through torchrun when nproc_per_node > 1) with every
+    override of the spec as a typed `--set`, and `--resume auto`, so that a requeued task continues. A later
+    `tables` or `reproduce` finds the run trained, evaluates it once more and reuses it."""
+    launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={ctx.nproc_per_node}"]
+                                   if ctx.nproc_per_node > 1 else [])
+    cmd = [*launcher, "-m", "mfcore", "train", "--preset", spec.preset, "--output", str(ctx.runs_dir / spec.name),
+           "--device", str(ctx.device), "--progress", "log", "--resume", "auto"]
+    if spec.data_root:
+        cmd += ["--data-root", spec.data_root]
+    for section, fields in (("train", spec.train), ("model", spec.model)):
+        for key, value in fields.items():
+            cmd += ["--set", f"{section}.{key}={json.dumps(value)}"]
+    return cmd
+
+
 def run_seeds(ctx: Context, specs: list[RunSpec]) -> dict:
     """Run every spec (one per seed) and return the median of each semantic/panoptic summary metric,
     plus the per-seed values: {"semantic": {...}, "panoptic": {...}, "runs": [...], "seconds": training +

@@ -84,9 +84,12 @@ ADE20K_FULL_NUM_CLASSES = 847
 # The one spelling of every dataset: presets (`<dataset>-<model>-<backbone>`), TrainConfig.dataset, the
 # readers (`build_dataset`), the datasets' `.name`, and the sub-folders of a paper run's data_root.
 DATASET_NAMES = ("ade20k", "ade20k-full", "coco-stuff", "cityscapes", "mapillary", "coco-panoptic",
-                 "ade20k-panoptic", "synthetic", "synthetic-panoptic")
-# the generated scenes (mfcore.data.synthetic_writer): their K comes from the files, not from a preset
+                 "ade20k-panoptic", "synthetic", "synthetic-panoptic", "custom")
+# the generated scenes (mfcore.data.synthetic_writer)
 SYNTHETIC = ("synthetic", "synthetic-panoptic")
+# the datasets whose K and class names come from their files, not from a preset: the generated scenes and
+# your own data (`custom`, data/README.md); a run on one of them takes the data's K
+CLASSES_FROM_DATA = SYNTHETIC + ("custom",)
 # Former spellings (the readers' old registry keys, still in older synthetic_meta.json files and
 # notebooks): resolved here, and nowhere else.
 DATASET_ALIASES = {"ade20k_full": "ade20k-full", "coco_stuff_10k": "coco-stuff", "coco_stuff": "coco-stuff",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -245,6 +246,45 @@ def synthetic_semantic(root: str | Path, split: str = "train", transform: Callab
     return ade20k(root, split, transform)
 
 
+def _custom_classes(path: Path) -> tuple[list[str], list[int]]:
+    """Class names and thing ids of a custom dataset's classes.json: a list of {"name": str, "isthing": bool}
+    in class-id order (isthing optional, default false)."""
+    data = read_json(path)
+    example = '[{"name": "road", "isthing": false}, {"name": "car", "isthing": true}]'
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"custom: {path}: expected a non-empty JSON list of classes in id order, e.g. {example}")
+    for i, entry in enumerate(data):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or not entry["name"] \
+                or entry.get("isthing", False) not in (True, False) or set(entry) - {"name", "isthing"}:
+            raise ValueError(f"custom: {path}: class {i} is {json.dumps(entry)}; expected an object with a "
+                             f"\"name\" and optionally \"isthing\" (true/false), e.g. {example}")
+    return [c["name"] for c in data], [i for i, c in enumerate(data) if c.get("isthing", False)]
+
+
+def custom(root: str | Path, split: str = "train", transform: Callable | None = None) -> SegmentationDataset:
+    """Your own data (data/README.md, "Your own data"), images in DIR/images/{train,val}/ and either
+    * DIR/classes.json + DIR/labels/{train,val}/<image stem>.png: label maps, pixel value = class id
+      0..K-1 in classes.json's order, 255 = unlabelled (16-bit PNGs with 65535 when K > 255), or
+    * DIR/panoptic_{train,val}.json + DIR/panoptic_{train,val}/: COCO panoptic (categories with isthing).
+    K, the class names and the thing classes come from these files."""
+    base = _require_dir(Path(root), "custom")
+    sub = _split_dir(split, {"train": "train", "val": "val"}, "custom")
+    classes, panoptic = base / "classes.json", base / f"panoptic_{sub}.json"
+    if classes.is_file() and panoptic.is_file():
+        raise ValueError(f"custom: {base} holds both classes.json (label maps) and {panoptic.name} (COCO "
+                         f"panoptic); expected one of the two layouts")
+    if not classes.is_file():
+        if not any(base.glob("panoptic_*.json")):
+            raise FileNotFoundError(f"custom: expected {classes} (with label maps in labels/) or {panoptic} "
+                                    f"(COCO panoptic) in {base} ({LAYOUT_HINT})")
+        return _panoptic("custom", split, panoptic, base / f"panoptic_{sub}", base / "images" / sub, transform)
+    names, thing_ids = _custom_classes(classes)
+    records = _pair_images(base / "images" / sub, base / "labels" / sub, lambda p: [p.stem + ".png"], "custom")
+    ignore = ignore_label_for(len(names))
+    lut = _lut(ignore + 1, {ignore: ignore, **{i: i for i in range(len(names))}})
+    return SemanticSegDataset("custom", split, records, names, thing_ids, lut, transform)
+
+
 # keyed by the one spelling of each name (mfcore.data.catalog.DATASET_NAMES)
 DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     "ade20k": ade20k,
@@ -257,6 +297,7 @@ DATASETS: dict[str, Callable[..., SegmentationDataset]] = {
     # The synthetic generator writes these two real layouts; the same readers load them.
     "synthetic": synthetic_semantic,
     "synthetic-panoptic": functools.partial(coco_panoptic, name="synthetic-panoptic"),
+    "custom": custom,
 }
 
 

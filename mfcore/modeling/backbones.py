@@ -46,6 +46,7 @@ from timm.models.swin_transformer import (
     window_reverse,
 )
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 from torchvision.models.resnet import BasicBlock
 
 FEATURES = ("res2", "res3", "res4", "res5")
@@ -58,6 +59,7 @@ SWIN_SPECS = {
     "swin-l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12),
 }
 BACKBONES: tuple[str, ...] = ("r50", "r101", "r101c", *SWIN_SPECS, "r18", "tiny", "tiny8")
+GRAD_CHECKPOINTING = ("r50", "r101", "r101c", *SWIN_SPECS)  # the backbones with set_grad_checkpointing
 # R101c's res5 (released config MODEL.RESNETS.RES5_DILATION: 1, RES5_MULTI_GRID: [1, 2, 4]): the dilation of
 # block j's 3x3 conv is RES5_DILATION * RES5_MULTI_GRID[j]
 R101C_RES5_DILATION = 1
@@ -93,6 +95,8 @@ class Backbone(nn.Module):
 class ResNetBackbone(Backbone):
     """timm's ResNet without pooling and classifier; names match torchvision (conv1, bn1, layer1..4)."""
 
+    grad_checkpointing = False  # set_grad_checkpointing
+
     def __init__(self, net: ResNet):
         super().__init__()
         self.conv1, self.bn1, self.act1, self.maxpool = net.conv1, net.bn1, net.act1, net.maxpool
@@ -100,11 +104,21 @@ class ResNetBackbone(Backbone):
         # feature_info[0] is the stem (stride 2); entries 1..4 are layer1..4 at strides 4..32
         self.out_channels = {f: info["num_chs"] for f, info in zip(FEATURES, net.feature_info[1:])}
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Keep only each block's input in the forward and recompute the block in the backward (less
+        memory, about one more forward of compute, the same gradients). timm's own switch checkpoints
+        `forward_features`, which this backbone does not call, so the blocks go through torch.utils.checkpoint."""
+        self.grad_checkpointing = enable
+
     def stages(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))  # [B, C, H/4, W/4]
         feats = []
         for layer in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = layer(x)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                for block in layer:
+                    x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = layer(x)
             feats.append(x)
         return feats
 
@@ -232,6 +246,10 @@ class SwinBackbone(Backbone):
             self.add_module(f"norm{i}", nn.LayerNorm(c))
         self.out_channels = dict(zip(FEATURES, channels))
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's own gradient checkpointing: each stage recomputes its blocks in the backward."""
+        SwinTransformer.set_grad_checkpointing(self, enable)  # flags every stage of self.layers (timm's stages)
+
     def convert_checkpoint(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
         # timm's filter maps original Microsoft checkpoints (downsample at the end of a stage) to its
         # layout, drops stored index/mask buffers and resizes bias tables of another window size
@@ -301,14 +319,20 @@ def load_pretrained(backbone: Backbone, path: str | Path) -> None:
     backbone.load_state_dict({k: state[k] for k in matched}, strict=False)
 
 
-def build_backbone(name: str, pretrained: str | Path | None = None, drop_path: float = 0.0) -> Backbone:
+def build_backbone(name: str, pretrained: str | Path | None = None, drop_path: float = 0.0,
+                   grad_checkpointing: bool = False) -> Backbone:
     """Build backbone `name` (one of BACKBONES), optionally loading a local state-dict file.
 
     drop_path: stochastic-depth rate of the last block, rising linearly from 0 over the blocks
     (paper: 0.3 for Swin); not available for `tiny`.
+    grad_checkpointing: recompute the blocks' activations in the backward (`set_grad_checkpointing`);
+    the paper's backbones only (GRAD_CHECKPOINTING).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone '{name}': expected one of {', '.join(BACKBONES)}")
+    if grad_checkpointing and name not in GRAD_CHECKPOINTING:
+        raise ValueError(f"grad_checkpointing is available for the backbones {', '.join(GRAD_CHECKPOINTING)}, not "
+                         f"'{name}' (a small one; r18's trainable BatchNorm would count every batch twice)")
     if not 0.0 <= drop_path < 1.0 or (drop_path > 0 and name.startswith("tiny")):
         raise ValueError(f"drop_path must be in [0, 1) (and 0 for 'tiny'), got {drop_path} for '{name}'")
     if name in SWIN_SPECS:
@@ -327,4 +351,6 @@ def build_backbone(name: str, pretrained: str | Path | None = None, drop_path: f
                            drop_path=drop_path, res5_dilations=dilations)
     if pretrained is not None:
         load_pretrained(backbone, pretrained)
+    if grad_checkpointing:
+        backbone.set_grad_checkpointing()
     return backbone

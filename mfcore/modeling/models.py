@@ -100,7 +100,8 @@ class SegmentationModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, drop_path=cfg.drop_path)
+        self.backbone = build_backbone(cfg.backbone, pretrained=cfg.pretrained, drop_path=cfg.drop_path,
+                                       grad_checkpointing=cfg.grad_checkpointing)
         channels = self.backbone.out_channels
         if cfg.enc_layers > 0:
             self.pixel_decoder = EncoderPixelDecoder(channels, cfg.conv_dim, cfg.mask_dim, cfg.gn_groups,

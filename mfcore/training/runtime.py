@@ -35,6 +35,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return device
 
 
+def set_tf32(enabled: bool, device: torch.device) -> bool:
+    """TensorFloat-32 for fp32 matmuls and convolutions (inputs rounded to a 10-bit mantissa, fp32 accumulation,
+    on tensor cores) when `device` is a CUDA GPU of compute capability >= 8.0 (Ampere and later); anywhere else
+    nothing changes. `enabled=False` there means strict fp32. Returns whether TF32 is now on for `device`."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    return enabled
+
+
 def seed_everything(seed: int) -> None:
     """Seed torch (CPU and CUDA), numpy and Python's `random`."""
     random.seed(seed)
@@ -224,5 +234,5 @@ class ResumableBatchSampler:
                 batch += 1
 
 
-__all__ = ["resolve_device", "seed_everything", "default_synthetic_root", "checkpoint_dataset",
+__all__ = ["resolve_device", "set_tf32", "seed_everything", "default_synthetic_root", "checkpoint_dataset",
            "build_run_dataset", "forked_rng", "RunLock", "ignore_stop_signals", "SeededSamples", "ResumableBatchSampler"]

@@ -58,11 +58,14 @@ from mfcore.training.runtime import (
     ignore_stop_signals,
     resolve_device,
     seed_everything,
+    set_tf32,
 )
 from mfcore.training.solver import build_optimizer, build_scheduler, clip_gradients
 
-# TrainConfig fields that do not change the result: a run may be resumed with other values
-RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers")
+# fields that do not change the result: a run may be resumed with other values (TrainConfig's, and
+# ModelConfig.grad_checkpointing: switched on after an out-of-memory, the same gradients); tf32 changes only
+# the float rounding on a GPU, as moving the run to another GPU would
+RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers", "grad_checkpointing", "tf32")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -179,7 +182,8 @@ def _show(progress: str, line: str, final: bool = False) -> None:
 def train(preset: str, output_dir: str | Path, data_root: str | Path | None = None, *,
           train_overrides: dict[str, Any] | None = None, model_overrides: dict[str, Any] | None = None,
           loss_overrides: dict[str, Any] | None = None, resume: bool | str = False, progress: str = "auto",
-          device: str = "auto", stop_at: int | None = None, on_log: Callable[[list[dict]], None] | None = None) -> dict:
+          device: str = "auto", stop_at: int | None = None, on_log: Callable[[list[dict]], None] | None = None,
+          compile_options: dict[str, Any] | None = None) -> dict:
     """Train `preset` (see mfcore.presets) into `output_dir`.
 
     train_overrides / model_overrides / loss_overrides: TrainConfig / ModelConfig / LossConfig fields to change,
@@ -189,6 +193,8 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     progress: "auto" (in-place line on a terminal, else log lines), "log" (one line per log_period), "off".
     stop_at: stop once this many iterations are done, as an interruption would (checkpoint, then return);
         0 saves the untrained model.
+    compile_options: train through torch.compile(model, **compile_options), e.g. {} or {"mode": "max-autotune"}
+        (None: eager); evaluation and the saved weights are the eager model's.
     Returns {"status": "finished" | "stopped" | "interrupted", "iteration", "checkpoint", "eval", "config"}.
     The run folder is locked (OUTPUT/.lock) while the run lasts: a second run on it is refused.
     """
@@ -202,19 +208,19 @@ def train(preset: str, output_dir: str | Path, data_root: str | Path | None = No
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output {output_dir} is a file, not a run folder")
     base = get_preset(preset)  # bad values are refused before the run folder is created or locked
-    override(base.train, **(train_overrides or {}))
+    dataset_name(override(base.train, **(train_overrides or {})).dataset)
     override(base.model, **(model_overrides or {}))
     override(base.loss, **(loss_overrides or {}))
     device = du.init_distributed(resolve_device(device))
     with RunLock(output_dir) if du.is_main_process() else nullcontext():
         return _train(preset, output_dir, data_root, train_overrides, model_overrides, loss_overrides, resume,
-                      progress, device, stop_at, on_log)
+                      progress, device, stop_at, on_log, compile_options)
 
 
 def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_overrides: dict[str, Any] | None,
            model_overrides: dict[str, Any] | None, loss_overrides: dict[str, Any] | None, resume: bool | str,
            progress: str, device: torch.device, stop_at: int | None,
-           on_log: Callable[[list[dict]], None] | None) -> dict:
+           on_log: Callable[[list[dict]], None] | None, compile_options: dict[str, Any] | None) -> dict:
     ckpt_path = output_dir / "last.pt"
     rank, world, main = du.get_rank(), du.get_world_size(), du.is_main_process()
     base = get_preset(preset)
@@ -225,6 +231,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
         raise ValueError(f"batch_size={cfg.batch_size} is not divisible by {world} process(es) x "
                          f"grad_accum={cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
+    set_tf32(cfg.tf32, device)
     if resume == "auto":  # decided under the run lock; every process sees the same (shared) run folder
         resume = ckpt_path.is_file()
         if main:
@@ -287,6 +294,8 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else None
     net = ddp or model
+    if compile_options is not None:  # the training forward only; DDP wrapped first, as torch's DDP notes advise
+        net = torch.compile(net, **compile_options)
 
     sampler = ResumableBatchSampler(len(train_set), micro, cfg.seed, rank, world, start=start * cfg.grad_accum)
     # the loader gets its own generator so that creating it never draws from the global (dropout) RNG
