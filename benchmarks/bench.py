@@ -58,7 +58,7 @@ from mfcore.companion.analysis import count_macs
 from mfcore.companion.profiles import get_profile
 from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
-from mfcore.training.runtime import resolve_device
+from mfcore.training.runtime import keep_freed_memory, resolve_device
 
 # dense datasheet peaks in TFLOP/s: (fp32 CUDA cores, tf32 tensor cores, bf16 tensor cores); first match wins
 GPU_PEAKS = (("H100 PCIe", (51.2, 378.0, 756.0)), ("H100 NVL", (60.0, 417.5, 835.5)), ("H100", (66.9, 494.7, 989.4)),
@@ -127,6 +127,8 @@ def small_cases(device: torch.device, sizes: dict, reps: int, warmup: int, compi
                 log: Callable[[str], None]) -> list[dict]:
     """Training img/s of each small model of the tables (SMALL_MODELS), eager, and compiled with a compile_mode."""
     size, batch = sizes["small"]
+    if device.type == "cpu":
+        keep_freed_memory()  # as `mfcore train` does on CPU
     cases = []
     for model in SMALL_MODELS:
         for compiled in (False, True) if compile_mode else (False,):

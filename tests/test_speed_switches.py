@@ -1,6 +1,9 @@
 """Memory and speed switches: gradient checkpointing of the backbone, TF32."""
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -105,3 +108,29 @@ def test_train_compile_flag(flag, expected, monkeypatch):
                         {"eval": None, "status": "finished"})
     main(["train", "--preset", "synthetic-maskformer-tiny", "--output", "unused", "--progress", "off", *flag])
     assert seen["compile_options"] == expected
+
+
+_PAGE_FAULTS = """
+import resource, sys, torch
+from mfcore.training.runtime import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+
+def step():  # four 16 MB activations (PP+'s logits at K = 64), touched, then all freed, as in a training step
+    blocks = [torch.empty(4 << 20).fill_(1.0) for _ in range(4)]
+
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_keep_freed_memory_reuses_a_freed_activation_without_new_page_faults():
+    """Without it the freed blocks go back to the system and every step maps them anew (4096 page faults per
+    16 MB at 4 KB pages)."""
+    faults = {mode: int(subprocess.run([sys.executable, "-c", _PAGE_FAULTS, mode], capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("default", "keep")}
+    assert 2 * faults["keep"] < faults["default"], faults  # measured: 4-8k in all vs 20-37k

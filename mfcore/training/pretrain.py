@@ -25,7 +25,7 @@ from mfcore.data.synthetic_writer import generate_once
 from mfcore.files import write_json
 from mfcore.modeling.backbones import build_backbone
 from mfcore.training.checkpoint import save_checkpoint
-from mfcore.training.runtime import resolve_device, seed_everything
+from mfcore.training.runtime import keep_freed_memory, resolve_device, seed_everything
 
 
 @dataclass
@@ -89,6 +89,8 @@ def pretrain_backbone(cfg: PretrainConfig, out_path: str | Path, data_dir: str |
         num_primitives=cfg.num_primitives if cfg.design == "pairs" else None, design=cfg.design),
         "classification_meta.json")
     dev = resolve_device(device)
+    if dev.type == "cpu":
+        keep_freed_memory()  # as training does
     train_x, train_y = _load_folder(data_dir / "train")
     val_x, val_y = _load_folder(data_dir / "val")
     seed_everything(cfg.seed)

@@ -56,6 +56,7 @@ from mfcore.training.runtime import (
     build_run_dataset,
     default_synthetic_root,
     ignore_stop_signals,
+    keep_freed_memory,
     resolve_device,
     seed_everything,
     set_tf32,
@@ -232,6 +233,8 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
                          f"grad_accum={cfg.grad_accum}")
     micro = cfg.batch_size // (world * cfg.grad_accum)
     set_tf32(cfg.tf32, device)
+    if device.type == "cpu":
+        keep_freed_memory()
     if resume == "auto":  # decided under the run lock; every process sees the same (shared) run folder
         resume = ckpt_path.is_file()
         if main:
