@@ -73,11 +73,12 @@ def trained(name: str, title: str) -> Callable[[Callable[[Context], Table]], Cal
 
 
 def provenance(ctx: Context, start: float, runs_seconds: float, extra: str = "") -> str:
-    """The provenance line. Its wall time is this table's own clock since `start` (which holds the runs it trained)
-    plus `runs_seconds`, the stored times of the runs it found finished (`cached_seconds`): each run once."""
+    """The provenance line. Its time is this table's own clock since `start` (which holds the runs it trained)
+    plus `runs_seconds`, the stored times of the runs it found finished (`cached_seconds`): each run once. Runs
+    trained side by side overlap, so the sum can exceed the wall time of the batch run (reproduce_<profile>.json)."""
     wall = time.perf_counter() - start + runs_seconds
     return (f"{ctx.profile.describe()}{'; ' + extra if extra else ''}; git {git_commit()[:12]}; "
-            f"{dt.date.today().isoformat()}; wall time {wall / 60:.1f} min (training + evaluation of its runs)")
+            f"{dt.date.today().isoformat()}; {wall / 60:.1f} min of training + evaluation (its runs' times summed)")
 
 
 def _specs(ctx: Context, model: str, k: int | None = None, dataset: str | None = None, panoptic: bool = False,
