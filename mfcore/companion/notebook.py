@@ -47,13 +47,13 @@ def use_widget_backend() -> bool:
     return True
 
 
-def show_table(table: Table, ctx: Context) -> Table:
+def show_table(table: Table, ctx: Context) -> None:
     """Write `table` (CSV + Markdown under the results folder) and display it: as Markdown in a notebook
-    front end, as plain text in a batch log."""
+    front end, as plain text in a batch log. Returns nothing, so that a cell ending with it shows the table
+    once (a returned Table would also print its repr)."""
     from IPython.display import display
 
     write_table(table, ctx.results_dir)
     text = table.markdown()
     # the front end renders the Markdown; a batch log (papermill prints text/plain) gets the same pipe table as text
     display({"text/markdown": text, "text/plain": text}, raw=True)
-    return table
