@@ -37,7 +37,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
 
     def markdown(self) -> str:
-        body = self.frame.to_markdown(index=False, floatfmt=".1f")
+        body = self.frame.to_markdown(index=False, floatfmt=".1f") if not self.frame.empty else "(no rows)"
         notes = "".join(f"\n- {n}" for n in self.notes)
         return f"### {self.title}\n\n{body}\n\n_Provenance: {self.provenance}_\n{notes}\n"
 
