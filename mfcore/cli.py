@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", nargs="?", const="default", choices=("default", "reduce-overhead", "max-autotune"),
                    help="time torch.compile(mfcore model, mode=MODE) (default mode; reduce-overhead adds CUDA "
                         "graphs on GPU); writes <device>-compiled[-MODE].*")
-    p.add_argument("--only", nargs="+", choices=("train", "inference", "matcher", "memory", "tiny"),
+    p.add_argument("--only", nargs="+", choices=("train", "inference", "matcher", "memory", "small"),
                    help="run only these parts (tiny: CPU only); writes <device>[...]-only-PARTS.*")
     p.set_defaults(func=_bench)
 
