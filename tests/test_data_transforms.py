@@ -141,10 +141,28 @@ def test_semantic_and_panoptic_targets():
     pan = torch.tensor([[5, 5, 9], [0, 2, 9]], dtype=torch.int32)
     segments = [{"id": 5, "category_id": 1, "iscrowd": 0}, {"id": 9, "category_id": 1, "iscrowd": 0},
                 {"id": 2, "category_id": 0, "iscrowd": 1},  # crowd: dropped
-                {"id": 8, "category_id": 4, "iscrowd": 0}]  # cropped away: dropped
+                {"id": 8, "category_id": 4, "iscrowd": 0}]  # cropped out of view: an empty mask
     labels, masks = panoptic_targets(pan, segments)
-    assert labels.tolist() == [1, 1]
-    assert masks.tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1]]]
+    assert labels.tolist() == [1, 1, 4]
+    assert masks.tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1]], [[0, 0, 0], [0, 0, 0]]]
+
+
+def test_panoptic_segments_cropped_out_of_view_stay_as_empty_masks():
+    """The released panoptic mappers keep every non-crowd segment after the crop; one out of view is an
+    empty mask with its label (semantic targets, by contrast, list only the classes left in the crop)."""
+    pan = torch.full((8, 8), 2, dtype=torch.int32)
+    pan[:, 0] = 1  # segment 1 is the first column: a 7-wide crop starting at column 1 leaves it out
+    segments = [{"id": 1, "category_id": 3, "iscrowd": 0}, {"id": 2, "category_id": 5, "iscrowd": 0}]
+    areas = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        sample = {"image": tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8)),
+                  "pan_seg": tv_tensors.Mask(pan), "sem_seg": tv_tensors.Mask(pan.long())}
+        view = RandomCropCategoryArea((8, 7))(sample)["pan_seg"].as_subclass(torch.Tensor)
+        labels, masks = panoptic_targets(view, segments)
+        assert labels.tolist() == [3, 5] and masks.shape == (2, 8, 7)
+        areas.append(int(masks[0].sum()))
+    assert set(areas) == {0, 8}  # in view (column 0 kept) or out of view (an empty mask), never dropped
 
 
 def test_collate_pads_images_labels_and_masks():

@@ -12,7 +12,8 @@ The training pipeline follows the released MaskFormer recipe (semantic datasets)
 short-side scale jitter -> random crop (optionally "category area constrained") ->
 SSD-style photometric distortion -> horizontal flip -> pad to the crop size.
 Targets (one binary mask + label per segment) are built only *after* augmentation, from the
-augmented sem_seg / pan_seg, so a segment cropped away produces no target.
+augmented sem_seg / pan_seg: a class cropped away produces no semantic target, while a panoptic segment
+cropped away stays as an empty mask (as the released panoptic mappers build one mask per listed segment).
 """
 from __future__ import annotations
 
@@ -46,7 +47,10 @@ def semantic_targets(sem_seg: Tensor, ignore_label: int) -> tuple[Tensor, Tensor
 
 
 def panoptic_targets(pan_seg: Tensor, segments_info: Sequence[dict]) -> tuple[Tensor, Tensor]:
-    """One binary mask per non-crowd segment still visible in pan_seg (crowd segments dropped).
+    """One binary mask per non-crowd segment of segments_info (crowd segments dropped), in its order.
+
+    A segment that augmentation cropped out of view keeps its label with an empty mask, as the released
+    panoptic dataset mappers do (one mask `pan_seg == id` per non-crowd segment of the annotation).
 
     Args:
         pan_seg: [H, W] segment ids (0 = void).
@@ -54,8 +58,7 @@ def panoptic_targets(pan_seg: Tensor, segments_info: Sequence[dict]) -> tuple[Te
     Returns:
         labels: int64 [n]; masks: bool [n, H, W].
     """
-    present = set(torch.unique(pan_seg).tolist())
-    kept = [s for s in segments_info if not s["iscrowd"] and s["id"] in present]
+    kept = [s for s in segments_info if not s["iscrowd"]]
     labels = torch.tensor([s["category_id"] for s in kept], dtype=torch.int64)
     ids = torch.tensor([s["id"] for s in kept], dtype=pan_seg.dtype)
     masks = pan_seg.unsqueeze(0) == ids.view(-1, 1, 1)
