@@ -160,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "with --max-images N: eval_<split>[_tta]_firstN.json)")
     p.add_argument("--device", default="auto")
     p.add_argument("--max-images", type=int, help="score only the first N images")
-    p.add_argument("--inference", choices=("semantic", "general"), default="semantic",
-                   help="general: Table VII's panoptic-style inference read out as a semantic map")
+    p.add_argument("--inference", choices=("semantic", "general", "detr"), default="semantic",
+                   help="general: Table VII's panoptic-style inference read out as a semantic map; detr: "
+                        "panoptic quality from DETR's post-processing (Table 3's DETR row)")
     p.add_argument("--no-fast", action="store_true",
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_evaluate)

@@ -184,6 +184,9 @@ class TrainConfig:
     crop_size: tuple[int, int] = (512, 512)   # training crop (H, W); FLOPs are counted at this size
     short_sides: tuple[int, ...] = tuple(int(512 * s / 10) for s in range(5, 21))  # 256, 307, ..., 1024
     max_size: int = 2048                      # longest side cap after the short-side resize
+    augmentation: str = "semantic"            # semantic: jitter, crop, SSD colour, flip, pad to the crop (released
+                                              # semantic mappers) | detr: DETR's flip + resize or resize-crop-resize,
+                                              # no colour, no fixed canvas (COCO panoptic, "detr_panoptic" mapper)
     test_short_side: int = 512                # single-scale evaluation short side (released INPUT.MIN_SIZE_TEST)
     test_max_size: int = 2048                 # its long-side cap (INPUT.MAX_SIZE_TEST)
     tta_short_sides: tuple[int, ...] = (256, 384, 512, 640, 768, 896)  # multi-scale test, + flip (TEST.AUG.MIN_SIZES)
@@ -221,6 +224,8 @@ class TrainConfig:
         self.lr_steps = tuple(self.lr_steps)
         if self.amp not in ("off", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.amp={self.amp!r}: expected off, bf16 or fp16")
+        if self.augmentation not in ("semantic", "detr"):
+            raise ValueError(f"TrainConfig.augmentation={self.augmentation!r}: expected semantic or detr")
         if self.tta_side not in ("short", "long"):
             raise ValueError(f"TrainConfig.tta_side={self.tta_side!r}: expected short or long")
         if self.lr_schedule not in ("poly", "step"):

@@ -8,7 +8,9 @@ column is "no object") and ``pred_masks: [N, H, W]`` mask logits. Two ways turn 
 * **general inference** hard-assigns each pixel to one pair, ``argmax_{i: c_i != no-object}
   p_i(c_i) * sigmoid(m_i[h, w])``, after dropping low-confidence pairs; it gives panoptic output
   (things keep their own segment, stuff of one class is merged) and, with every class treated as stuff,
-  Table VII's "general inference" semantic map.
+  Table VII's "general inference" semantic map;
+* **DETR's panoptic post-processing** (`detr_panoptic_inference`), which Table 3 applies to the same model
+  for its "MaskFormer (DETR post-processing)" row.
 
 Thresholds (released configs, MODEL.MASK_FORMER.TEST.OBJECT_MASK_THRESHOLD / OVERLAP_THRESHOLD): object-mask
 threshold 0.8 on COCO panoptic, **0.7 on ADE20K panoptic**; 0.3 for Table VII's general semantic inference
@@ -167,6 +169,55 @@ def panoptic_inference(
         if not isthing:
             stuff_segment[category] = segment
     return segmentation, segments
+
+
+DETR_SCORE_THRESHOLD = 0.85  # DETR's PostProcessPanoptic(threshold=0.85), the rule of Table 3's DETR row
+DETR_MIN_AREA = 4             # DETR drops a segment of <= 4 pixels and assigns its pixels again
+
+
+def detr_panoptic_inference(
+    pred_logits: Tensor,
+    pred_masks: Tensor,
+    thing_ids: Sequence[int] | set[int],
+    score_threshold: float = DETR_SCORE_THRESHOLD,
+    min_area: int = DETR_MIN_AREA,
+) -> tuple[Tensor, list[dict]]:
+    """DETR's panoptic post-processing (Carion et al. 2020, `PostProcessPanoptic`) on MaskFormer's pairs:
+    Table 3's "MaskFormer (DETR post-processing)" row, the same model read out with DETR's rule.
+
+    Query i is kept if c_i is a real class and p_i(c_i) > score_threshold (0.85). Each pixel goes to
+    argmax over kept queries of the mask logit m_i[h, w] (the class score takes no part, unlike general
+    inference, and there is no overlap rule: no pixel is left VOID while a query is kept). Stuff queries of
+    one class are merged into the first of them; then, while some kept query wins <= min_area pixels, those
+    queries are dropped and the pixels assigned again among the rest, as DETR does it: without merging
+    stuff again, so a stuff query merged away (0 pixels) is dropped and its pixels go to the next-best mask.
+    Areas are counted at the masks' resolution (DETR counts them after resizing its id map to the output size).
+
+    Args and returns as `panoptic_inference` (pred_masks at the output resolution); VOID (id 0) only when no
+    query passes the threshold.
+    """
+    _check_pairs(pred_logits, pred_masks)
+    scores, labels, keep = _confident_queries(pred_logits, score_threshold)
+    queries = keep.nonzero().flatten()
+    thing_ids = {int(t) for t in thing_ids}
+    merge_stuff = True
+    while len(queries):
+        winner = pred_masks[queries].argmax(dim=0)                              # [H, W] index into queries
+        if merge_stuff:
+            first: dict[int, int] = {}                                          # stuff class -> its first query
+            owner = [j if int(labels[q]) in thing_ids else first.setdefault(int(labels[q]), j)
+                     for j, q in enumerate(queries.tolist())]
+            winner = torch.as_tensor(owner, device=winner.device)[winner]
+        area = torch.bincount(winner.flatten(), minlength=len(queries))
+        small = area <= min_area
+        if not small.any():
+            break
+        queries, merge_stuff = queries[~small.to(queries.device)], False
+    if len(queries) == 0:
+        return torch.zeros(pred_masks.shape[-2:], dtype=torch.int32, device=pred_masks.device), []
+    segments = [{"id": j + 1, "category_id": int(labels[q]), "isthing": int(labels[q]) in thing_ids,
+                 "score": float(scores[q])} for j, q in enumerate(queries.tolist())]
+    return (winner + 1).to(torch.int32), segments
 
 
 def general_semantic_inference(

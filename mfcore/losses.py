@@ -23,6 +23,7 @@ from mfcore.matcher import (
     HungarianMatcher,
     Indices,
     check_targets,
+    image_region,
 )
 from mfcore.training.distributed import all_reduce_mean
 
@@ -42,21 +43,23 @@ def point_sample(inputs: Tensor, coords: Tensor, mode: str = "bilinear") -> Tens
 
 @torch.no_grad()
 def sample_uncertain_points(logits: Tensor, num_points: int, oversample_ratio: float,
-                            importance_sample_ratio: float) -> Tensor:
-    """PointRend-style importance sampling. logits: [M, 1, h, w] -> coords [M, num_points, 2] in [0, 1].
+                            importance_sample_ratio: float, extent: tuple[float, float] = (1.0, 1.0)) -> Tensor:
+    """PointRend-style importance sampling. logits: [M, 1, h, w] -> coords [M, num_points, 2] in
+    [0, extent[0]) x [0, extent[1]) (x, y), the part of the frame the image covers (the rest is batch padding).
 
     Draw oversample_ratio * num_points uniform points, keep the importance_sample_ratio * num_points
     most uncertain (uncertainty = -|logit|, highest at the decision boundary), fill up with uniform points.
     """
     num_masks = logits.shape[0]
     # the points in the logits' dtype: grid_sample needs input and grid of one dtype (float64 runs too)
+    scale = logits.new_tensor(extent)
     candidates = torch.rand(num_masks, int(num_points * oversample_ratio), 2, device=logits.device,
-                            dtype=logits.dtype)
+                            dtype=logits.dtype) * scale
     uncertainty = -point_sample(logits, candidates)[:, 0].abs()                 # [M, S]
     num_uncertain = int(importance_sample_ratio * num_points)
     top = uncertainty.topk(num_uncertain, dim=1).indices
     uncertain = candidates.gather(1, top[..., None].expand(-1, -1, 2))
-    uniform = torch.rand(num_masks, num_points - num_uncertain, 2, device=logits.device, dtype=logits.dtype)
+    uniform = torch.rand(num_masks, num_points - num_uncertain, 2, device=logits.device, dtype=logits.dtype) * scale
     return torch.cat([uncertain, uniform], dim=1)
 
 
@@ -137,30 +140,33 @@ class SetCriterion(nn.Module):
         return {"loss_mask": focal.sum() / num_masks, "loss_dice": dice.sum() / num_masks}
 
     @staticmethod
-    def matched_pairs(pred: Tensor, targets: list[dict], indices: Indices) -> Iterator[tuple[Tensor, Tensor]]:
-        """For each image with matches: (stride-4 logits [m, h, w], ground truth [m, H, W]) of its matched pairs,
-        in matching order."""
+    def matched_pairs(pred: Tensor, targets: list[dict],
+                      indices: Indices) -> Iterator[tuple[Tensor, Tensor, tuple[int, int]]]:
+        """For each image with matches: (stride-4 logits [m, h, w], ground truth [m, H, W], the image's region
+        (h_img, w_img) in it, `image_region`) of its matched pairs, in matching order."""
         for b, (src, tgt) in enumerate(indices):
             if len(src) == 0:
                 continue
             logits = loss_dtype(pred[b, src.to(pred.device)])
             masks = targets[b]["masks"]
-            yield logits, masks[tgt.to(masks.device)].to(pred.device, logits.dtype)
+            yield logits, masks[tgt.to(masks.device)].to(pred.device, logits.dtype), image_region(targets[b])
 
     def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
         """(focal [M], dice [M]) of the matched pairs, the logits pred [B, N, h, w] bilinearly upsampled to their
-        ground truth's size [H, W]; images in order, pairs in matching order."""
+        ground truth's size [H, W], then both cut to the image's region: the batch padding enters no loss, and
+        focal is the mean over the image's pixels. Images in order, pairs in matching order."""
         terms = [focal_dice(F.interpolate(logits[:, None], size=gt.shape[-2:], mode="bilinear",
-                                          align_corners=False)[:, 0].flatten(1), gt.flatten(1))
-                 for logits, gt in self.matched_pairs(pred, targets, indices)]
+                                          align_corners=False)[:, 0, :h, :w].flatten(1), gt[:, :h, :w].flatten(1))
+                 for logits, gt, (h, w) in self.matched_pairs(pred, targets, indices)]
         return torch.cat([f for f, _ in terms]), torch.cat([d for _, d in terms])
 
     def _point_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
-        """Losses at num_points importance-sampled points per matched mask -> (focal [M], dice [M])."""
+        """Losses at num_points importance-sampled points per matched mask, all inside the image's region
+        -> (focal [M], dice [M])."""
         terms = []
-        for logits, gt in self.matched_pairs(pred, targets, indices):
+        for logits, gt, (h, w) in self.matched_pairs(pred, targets, indices):
             coords = sample_uncertain_points(logits[:, None], self.num_points, self.oversample_ratio,
-                                             self.importance_sample_ratio)
+                                             self.importance_sample_ratio, (w / gt.shape[-1], h / gt.shape[-2]))
             terms.append(focal_dice(point_sample(logits[:, None], coords)[:, 0],
                                     point_sample(gt[:, None], coords, mode="nearest")[:, 0]))  # gt stays binary
         return torch.cat([f for f, _ in terms]), torch.cat([d for _, d in terms])

@@ -28,17 +28,23 @@ def focal_dice(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
     return sigmoid_focal_loss(logits, targets).mean(-1), dice_loss(logits, targets)
 
 
-def pairwise_focal_dice(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+def pairwise_focal_dice(logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """focal_dice of every (prediction, target) pair: logits [B, N, P], targets [B, M, P] in {0, 1} ->
     (focal, dice), each [B, N, M].
 
     A binary target picks one of two per-pixel losses, FL(x, t) = t FL(x, 1) + (1 - t) FL(x, 0), so the
     pixel sums of all pairs are matrix products with the targets; so are dice's sums of p t.
+    valid: [B, P] in {0, 1}, the pixels inside each image (None: all); the batch padding enters no sum and
+    the focal mean is over the valid pixels: focal = sum_j v_j FL(x_j, t_j) / sum_j v_j.
     """
     ones = torch.ones_like(logits)
     pos, neg = sigmoid_focal_loss(logits, ones), sigmoid_focal_loss(logits, 1 - ones)       # [B, N, P]
-    focal = (pos @ targets.transpose(1, 2) + neg @ (1 - targets).transpose(1, 2)) / logits.shape[-1]
-    p = logits.sigmoid()
+    p, count = logits.sigmoid(), logits.shape[-1]
+    if valid is not None:
+        v = valid[:, None, :].to(logits.dtype)
+        pos, neg, p, targets = pos * v, neg * v, p * v, targets * v
+        count = v.sum(-1, keepdim=True)                                                  # [B, 1, 1]
+    focal = (pos @ targets.transpose(1, 2) + neg @ (1 - targets).transpose(1, 2)) / count
     dice = 1 - (2 * p @ targets.transpose(1, 2) + 1) / (p.sum(-1)[..., None] + targets.sum(-1)[:, None, :] + 1)
     return focal, dice
 

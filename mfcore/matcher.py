@@ -34,6 +34,15 @@ def check_targets(targets: list[dict], batch_size: int) -> None:
                              f"{tuple(labels.shape)} and {tuple(masks.shape)}")
 
 
+def image_region(target: dict) -> tuple[int, int]:
+    """(h, w) of the image inside its ground truth (top-left): target["image_size"] where `collate` padded the
+    batch (images of different sizes, no fixed canvas), else the masks' own size. Matching and losses see
+    only this region, never the batch padding."""
+    height, width = target["masks"].shape[-2:]
+    h, w = target.get("image_size", (height, width))
+    return min(int(h), height), min(int(w), width)
+
+
 def assign(costs: list[Tensor]) -> Indices:
     """Minimum-cost one-to-one assignment per image; costs[b]: [N, n_b] -> (pred_idx, tgt_idx)."""
     pairs = [linear_sum_assignment(cost.cpu().numpy()) for cost in costs]
@@ -47,9 +56,10 @@ class HungarianMatcher(nn.Module):
         super().__init__()
         self.cost_class, self.cost_mask, self.cost_dice = cost_class, cost_mask, cost_dice
 
-    def mask_costs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        """(focal, dice) [B, N, M] of every pair of logits [B, N, P] and binary targets [B, M, P]."""
-        return pairwise_focal_dice(logits, targets)
+    def mask_costs(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(focal, dice) [B, N, M] of every pair of logits [B, N, P] and binary targets [B, M, P], over the
+        pixels `valid` [B, P] (None: all)."""
+        return pairwise_focal_dice(logits, targets, valid)
 
     @staticmethod
     def downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -58,28 +68,40 @@ class HungarianMatcher(nn.Module):
         return F.interpolate(masks[None].float(), size=size, mode="nearest")[0]
 
     @classmethod
-    def ground_truth(cls, targets: list[dict], size: tuple[int, int], like: Tensor) -> tuple[Tensor, Tensor]:
+    def ground_truth(cls, targets: list[dict], size: tuple[int, int],
+                     like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """The batch's segments padded to its largest count M: labels [B, M] (padding 0) and binary masks
-        [B, M, h*w] (padding empty) at the predictions' size (h, w), nearest-downsampled, in like's dtype."""
+        [B, M, h*w] (padding empty) at the predictions' size (h, w), nearest-downsampled, in like's dtype;
+        and valid [B, h*w], each image's region (`image_region`) downsampled the same way, None when no image
+        is padded. The masks are zeroed outside their image's region."""
         most = max(len(t["labels"]) for t in targets)
         labels = torch.zeros(len(targets), most, dtype=torch.int64, device=like.device)
         gt = like.new_zeros(len(targets), most, size[0] * size[1])
+        regions = [image_region(t) for t in targets]
+        padded = any(r != tuple(t["masks"].shape[-2:]) for r, t in zip(regions, targets))
+        valid = like.new_zeros(len(targets), size[0] * size[1]) if padded else None
         for b, t in enumerate(targets):
             n = len(t["labels"])
             if n:
                 labels[b, :n] = t["labels"]
                 gt[b, :n].view(n, *size).copy_(cls.downsample(t["masks"].to(like.device), size))
-        return labels, gt
+            if valid is not None:
+                inside = torch.zeros(1, *t["masks"].shape[-2:], dtype=torch.bool, device=like.device)
+                inside[:, :regions[b][0], :regions[b][1]] = True
+                valid[b].view(1, *size).copy_(cls.downsample(inside, size))
+        if valid is not None:
+            gt *= valid[:, None]
+        return labels, gt, valid
 
     @torch.no_grad()
-    def costs(self, logits: Tensor, masks: Tensor, labels: Tensor, gt: Tensor) -> Tensor:
+    def costs(self, logits: Tensor, masks: Tensor, labels: Tensor, gt: Tensor, valid: Tensor | None = None) -> Tensor:
         """C = cost_class * -p_i(c_j) + cost_mask * focal + cost_dice * dice for logits [B, N, K+1], masks
-        [B, N, h, w] and ground_truth's labels [B, M], gt [B, M, h*w] -> [B, N, M]."""
+        [B, N, h, w] and ground_truth's labels [B, M], gt [B, M, h*w], valid [B, h*w] -> [B, N, M]."""
         # -p_i(c_j) rather than DETR's -log p_i(c_j): the probability lies in [0, 1] like the dice cost
         # and the per-pixel focal mean, so no term can dominate the others by going to infinity.
         prob = logits.softmax(-1)                                               # [B, N, K+1]
         cost_class = -prob.gather(2, labels[:, None, :].expand(-1, logits.shape[1], -1))
-        focal, dice = self.mask_costs(masks.flatten(2), gt)                     # [B, N, M] each
+        focal, dice = self.mask_costs(masks.flatten(2), gt, valid)              # [B, N, M] each
         return self.cost_class * cost_class + self.cost_mask * focal + self.cost_dice * dice
 
     @torch.no_grad()
@@ -87,7 +109,8 @@ class HungarianMatcher(nn.Module):
         """outputs["pred_logits"]: [B, N, K+1], outputs["pred_masks"]: [B, N, h, w] -> B costs [N, n_b].
 
         Ground-truth masks are padded to the batch's largest segment count so all images are costed in
-        one batched matrix product; the padding columns are cut off before the assignment.
+        one batched matrix product; the padding columns are cut off before the assignment. Only the pixels
+        of each image's region count (`image_region`): the batch padding of its masks is never costed.
         """
         logits, masks = loss_dtype(outputs["pred_logits"]), loss_dtype(outputs["pred_masks"])
         check_targets(targets, logits.shape[0])
@@ -164,4 +187,4 @@ class BoxMatcher(nn.Module):
         return assign(self.cost_matrices(outputs, targets))
 
 
-__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "assign", "check_targets"]
+__all__ = ["HungarianMatcher", "FixedMatcher", "BoxMatcher", "assign", "check_targets", "image_region"]

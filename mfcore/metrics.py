@@ -1,8 +1,9 @@
 """Evaluation metrics, in percent as the paper reports them.
 
 * ``SemSegEvaluator``: mIoU / pixel accuracy / mean class accuracy from a dataset-level confusion matrix,
-  counted as detectron2's evaluator (which produced the paper's numbers) counts them: a class enters the
-  means only if it occurs in the ground truth.
+  counted as detectron2's evaluator (which produced the paper's numbers) counts them: a class enters mIoU
+  when it occurs in the ground truth or in the prediction (GT + predicted pixels > 0), so a class predicted
+  but absent from the ground truth counts as IoU 0; mAcc averages over the classes of the ground truth.
 * ``MaskAPAccumulator`` / ``mask_ap``: COCO mask AP through pycocotools (the instance output of panoptic
   datasets in ``mfcore.training.evaluate``).
 * Panoptic quality (PQ, and PQ^St of semantic predictions) lives in ``mfcore.panoptic_quality``.

@@ -55,8 +55,9 @@ DATASETS: dict[str, tuple[int, dict]] = {
     "mapillary": (65, dict(dataset="mapillary", iters=300_000, crop_size=(1280, 1280),
                            short_sides=_short_sides(2048), max_size=8192, test_short_side=2048,
                            test_max_size=2048, tta_short_sides=(1024, 2048, 3072), tta_side="long")),
+    # COCO panoptic: DETR's augmentation, no fixed canvas (crop_size is only the size FLOPs are counted at)
     "coco-panoptic": (133, dict(dataset="coco-panoptic", iters=554_400, batch_size=64, lr_schedule="step",
-                                lr_steps=(369_600,), crop_size=(800, 1216),  # eval-size canvas; DETR aug
+                                lr_steps=(369_600,), augmentation="detr", crop_size=(800, 1216),
                                 short_sides=tuple(range(480, 801, 32)), max_size=1333, test_short_side=800,
                                 test_max_size=1333)),
     "ade20k-panoptic": (150, dict(dataset="ade20k-panoptic", iters=720_000, crop_size=(640, 640),
@@ -148,6 +149,8 @@ def _make(dataset: str, model: str, backbone: str, num_classes: int, train_field
         train.update(SWIN_TRAIN)
         if backbone in ("swin-b", "swin-l") and dataset == "ade20k":  # Table 1: Swin-B/L at 640
             train.update(crop_size=(640, 640), short_sides=_short_sides(640), max_size=2560, **TEST_640)
+    if dataset == "coco-panoptic" and backbone == "swin-l":  # released Swin-L COCO config: MAX_SIZE_TRAIN 1000
+        train.update(max_size=1000)
     if dataset in PANOPTIC and backbone in ("r50", "r101"):
         base = dataclasses.replace(base, enc_layers=6)  # "R50/R101 + 6 Enc"
     model_cfg, loss_cfg = _model_variant(model, num_classes, base)

@@ -10,7 +10,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mfcore.data import PIXEL_MEAN, build_train_transform, collate
+from mfcore.data.transforms import build_detr_transform
 from mfcore.data.transforms import (
+    DetrResizeOrCrop,
     PadToSize,
     PhotometricDistortion,
     RandomCropCategoryArea,
@@ -133,6 +135,60 @@ def test_photometric_distortion_changes_colours_only():
     assert changed >= 6  # each of 4 ops fires with p = 0.5: all skipped only 1/16 of the time
 
 
+DETR_SIDES = tuple(range(480, 801, 32))
+
+
+@pytest.mark.parametrize("max_size", [1333, 1000])
+def test_detr_pipeline_output_sizes(max_size):
+    """DETR's augmentation (COCO panoptic): short side in 480..800 step 32 with the long side <= max_size
+    (1333; Swin-L 1000), half the time after a 400/500/600 resize and a 384..600 crop (which changes the
+    aspect ratio); labels move with the image, no colour change, no fixed canvas."""
+    sample = _sample(_blocks(480, 640, block=40))
+    sample["image"] = tv_tensors.Image(torch.full((3, 480, 640), 77, dtype=torch.uint8))  # one colour stays one
+    transform = build_detr_transform(DETR_SIDES, max_size)
+    shapes, cropped = set(), 0
+    for seed in range(16):
+        torch.manual_seed(seed)
+        out = transform(sample)
+        h, w = out["image"].shape[-2:]
+        assert out["sem_seg"].shape == out["pan_seg"].shape == (h, w)
+        assert (min(h, w) in DETR_SIDES or max(h, w) == max_size) and max(h, w) <= max_size
+        assert torch.equal(out["pan_seg"].as_subclass(torch.Tensor),
+                           out["sem_seg"].as_subclass(torch.Tensor).int() * 1000 + 7)  # nearest, together
+        assert (out["image"] == 77).all()  # no colour augmentation
+        cropped += abs(w / h - 640 / 480) > 0.02
+        shapes.add((h, w))
+    assert 3 <= cropped <= 13 and len(shapes) > 6  # both branches, many sizes
+    # the crop branch before its final resize: 400..600 short side, then a 384..600 window of it
+    torch.manual_seed(0)
+    crop = DetrResizeOrCrop(DETR_SIDES, max_size).crop
+    for _ in range(10):
+        h, w = crop(sample)["image"].shape[-2:]
+        assert 384 <= h <= 600 and 384 <= w <= 600
+    # a batch is padded to its own largest image (rounded up to 32), not to a canvas
+    batch = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        out = {k: v.as_subclass(torch.Tensor) for k, v in transform(sample).items()}
+        out["image"] = out["image"].float()
+        out["labels"], out["masks"] = semantic_targets(out["sem_seg"], 255)
+        batch.append(out)
+    images, targets = collate(batch)
+    sizes = [tuple(s["image"].shape[-2:]) for s in batch]
+    assert images.shape[-2:] == tuple(-(-max(s[i] for s in sizes) // 32) * 32 for i in (0, 1))
+    assert [t["image_size"] for t in targets] == sizes
+
+
+def test_train_transform_follows_the_config():
+    from mfcore.presets import get_preset
+    from mfcore.training.train import train_transform
+
+    detr = train_transform(get_preset("coco-panoptic-maskformer-swin-l").train)
+    assert isinstance(detr.transforms[-1], DetrResizeOrCrop) and detr.transforms[-1].resize.max_size == 1000
+    semantic = train_transform(get_preset("ade20k-panoptic-maskformer-r50").train)
+    assert isinstance(semantic.transforms[-1], PadToSize) and semantic.transforms[-1].size == (640, 640)
+
+
 def test_semantic_and_panoptic_targets():
     sem = torch.tensor([[3, 3, 255], [0, 3, 255]])
     labels, masks = semantic_targets(sem, 255)
@@ -141,10 +197,28 @@ def test_semantic_and_panoptic_targets():
     pan = torch.tensor([[5, 5, 9], [0, 2, 9]], dtype=torch.int32)
     segments = [{"id": 5, "category_id": 1, "iscrowd": 0}, {"id": 9, "category_id": 1, "iscrowd": 0},
                 {"id": 2, "category_id": 0, "iscrowd": 1},  # crowd: dropped
-                {"id": 8, "category_id": 4, "iscrowd": 0}]  # cropped away: dropped
+                {"id": 8, "category_id": 4, "iscrowd": 0}]  # cropped out of view: an empty mask
     labels, masks = panoptic_targets(pan, segments)
-    assert labels.tolist() == [1, 1]
-    assert masks.tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1]]]
+    assert labels.tolist() == [1, 1, 4]
+    assert masks.tolist() == [[[1, 1, 0], [0, 0, 0]], [[0, 0, 1], [0, 0, 1]], [[0, 0, 0], [0, 0, 0]]]
+
+
+def test_panoptic_segments_cropped_out_of_view_stay_as_empty_masks():
+    """The released panoptic mappers keep every non-crowd segment after the crop; one out of view is an
+    empty mask with its label (semantic targets, by contrast, list only the classes left in the crop)."""
+    pan = torch.full((8, 8), 2, dtype=torch.int32)
+    pan[:, 0] = 1  # segment 1 is the first column: a 7-wide crop starting at column 1 leaves it out
+    segments = [{"id": 1, "category_id": 3, "iscrowd": 0}, {"id": 2, "category_id": 5, "iscrowd": 0}]
+    areas = []
+    for seed in range(8):
+        torch.manual_seed(seed)
+        sample = {"image": tv_tensors.Image(torch.zeros(3, 8, 8, dtype=torch.uint8)),
+                  "pan_seg": tv_tensors.Mask(pan), "sem_seg": tv_tensors.Mask(pan.long())}
+        view = RandomCropCategoryArea((8, 7))(sample)["pan_seg"].as_subclass(torch.Tensor)
+        labels, masks = panoptic_targets(view, segments)
+        assert labels.tolist() == [3, 5] and masks.shape == (2, 8, 7)
+        areas.append(int(masks[0].sum()))
+    assert set(areas) == {0, 8}  # in view (column 0 kept) or out of view (an empty mask), never dropped
 
 
 def test_collate_pads_images_labels_and_masks():

@@ -230,8 +230,9 @@ def test_upsample_bilinear_equals_f_interpolate(size, out):
     assert_all_close(grads_of((got * weights).sum(), [x]), grads_of((want * weights).sum(), [x]))
 
 
-def random_case(sizes, num_queries=5, num_classes=4, small=4, gt_sizes=None, seed=0):
-    """float64 outputs with 3 decoder layers and random binary targets (sizes: segments per image)."""
+def random_case(sizes, num_queries=5, num_classes=4, small=4, gt_sizes=None, seed=0, image_sizes=None):
+    """float64 outputs with 3 decoder layers and random binary targets (sizes: segments per image); image_sizes:
+    each image's (h, w) inside its padded ground truth (no fixed canvas), as collate records it."""
     gen = torch.Generator().manual_seed(seed)
     layers = [{"pred_logits": torch.randn(len(sizes), num_queries, num_classes + 1, generator=gen,
                                           dtype=torch.float64).requires_grad_(),
@@ -240,17 +241,21 @@ def random_case(sizes, num_queries=5, num_classes=4, small=4, gt_sizes=None, see
     gt_sizes = gt_sizes or [(4 * small, 4 * small)] * len(sizes)
     targets = [{"labels": torch.randint(0, num_classes, (n,), generator=gen),
                 "masks": torch.rand(n, *hw, generator=gen) > 0.5} for n, hw in zip(sizes, gt_sizes)]
+    for t, image_size in zip(targets, image_sizes or []):
+        t["image_size"] = image_size
     return dict(layers[-1], aux_outputs=layers[:-1]), targets
 
 
-@pytest.mark.parametrize("sizes, gt_sizes", [
-    ([3, 1, 2], None),
-    ([2, 0, 7], [(16, 16), (12, 20), (12, 20)]),   # an image without segments, more segments than queries, two sizes
-    ([7, 2, 3], None),                              # unmatched segments in the first of three images of one size
+@pytest.mark.parametrize("sizes, gt_sizes, image_sizes", [
+    ([3, 1, 2], None, None),
+    ([2, 0, 7], [(16, 16), (12, 20), (12, 20)], None),  # an image without segments, more segments than queries,
+                                                        # two sizes
+    ([7, 2, 3], None, None),                            # unmatched segments in the first of three images of one size
+    ([3, 2, 4], None, [(16, 16), (11, 16), (9, 13)]),   # images of their own sizes padded into one batch
 ])
-def test_fused_criterion_equals_the_plain_one(sizes, gt_sizes):
+def test_fused_criterion_equals_the_plain_one(sizes, gt_sizes, image_sizes):
     """All 9 terms (3 layers) and the gradients of their weighted sum, fused vs plain, on the same matching."""
-    outputs, targets = random_case(sizes, gt_sizes=gt_sizes)
+    outputs, targets = random_case(sizes, gt_sizes=gt_sizes, image_sizes=image_sizes)
     plain = build_criterion("hungarian", 4, 5, dec_layers=3)
     fused = copy.deepcopy(plain)
     fused.__class__ = FusedSetCriterion
@@ -276,12 +281,21 @@ def test_in_place_mask_costs_equal_the_pairwise_losses(alpha, gamma):
     assert_all_close(mask_costs(logits, targets, alpha, gamma, per_image=False), want)  # the GPU default
     if (alpha, gamma) == (0.25, 2.0):
         assert_all_close(pairwise_focal_dice(logits, targets), want)
+        valid = torch.zeros(2, 20, dtype=torch.float64)  # padded images: 14 and 9 of the 20 pixels inside
+        valid[0, :14], valid[1, :9] = 1, 1
+        v = valid[:, None, None]
+        inside = ((per_pixel * v).sum(-1) / v.sum(-1),
+                  1 - (2 * (p * t * v).sum(-1) + 1) / ((p * v).sum(-1) + (t * v).sum(-1) + 1))
+        for per_image in (True, False):
+            assert_all_close(mask_costs(logits, targets, valid=valid, per_image=per_image), inside)
+        assert_all_close(pairwise_focal_dice(logits, targets, valid), inside)
     with pytest.raises(ValueError, match="alpha=0"):
         mask_costs(logits, targets, alpha=0.0)
 
 
-def test_matching_all_layers_at_once_equals_each_layer_alone():
-    outputs, targets = random_case([3, 0, 6], num_queries=6)
+@pytest.mark.parametrize("image_sizes", [None, [(16, 16), (10, 7), (13, 16)]])
+def test_matching_all_layers_at_once_equals_each_layer_alone(image_sizes):
+    outputs, targets = random_case([3, 0, 6], num_queries=6, image_sizes=image_sizes)
     layers = [outputs, *outputs["aux_outputs"]]
     plain, in_place = HungarianMatcher(1.0, 20.0, 1.0), InPlaceCostMatcher(1.0, 20.0, 1.0)
     got = in_place.match_layers(layers, targets)
@@ -312,8 +326,9 @@ def test_fused_per_pixel_criterion_equals_the_plain_one(sizes):
                      grads_of(total_loss(want, plain.weight_dict), layers))
 
 
-def test_in_place_matcher_equals_the_plain_one():
-    outputs, targets = random_case([3, 0, 6], num_queries=6)
+@pytest.mark.parametrize("image_sizes", [None, [(16, 16), (10, 7), (13, 16)]])
+def test_in_place_matcher_equals_the_plain_one(image_sizes):
+    outputs, targets = random_case([3, 0, 6], num_queries=6, image_sizes=image_sizes)
     plain, in_place = HungarianMatcher(1.0, 20.0, 1.0), InPlaceCostMatcher(1.0, 20.0, 1.0)
     for _ in range(2):  # the second call reuses the work tensors
         assert_all_close(in_place.cost_matrices(outputs, targets), plain.cost_matrices(outputs, targets))
@@ -322,17 +337,24 @@ def test_in_place_matcher_equals_the_plain_one():
 
 
 @pytest.mark.parametrize("gt_size, size", [((64, 64), (16, 16)), ((50, 70), (16, 24)), ((32, 48), (32, 48))])
-def test_picked_ground_truth_equals_the_interpolated_one(gt_size, size):
+@pytest.mark.parametrize("padded", [False, True])
+def test_picked_ground_truth_equals_the_interpolated_one(gt_size, size, padded):
     """InPlaceCostMatcher.ground_truth reads only the kept pixels (a strided view, or a gather with cached
-    indices where the sizes do not divide); it must equal F.interpolate(mode="nearest")'s downsampling."""
+    indices where the sizes do not divide); it must equal F.interpolate(mode="nearest")'s downsampling, the
+    valid region of padded images included."""
     gen = torch.Generator().manual_seed(0)
     targets = [{"labels": torch.tensor([1, 4, 2]), "masks": torch.rand(3, *gt_size, generator=gen) > 0.5},
                {"labels": torch.tensor([], dtype=torch.int64), "masks": torch.zeros(0, *gt_size, dtype=torch.bool)},
                {"labels": torch.tensor([0]), "masks": torch.rand(1, *gt_size, generator=gen) > 0.3}]
+    if padded:
+        targets[0]["image_size"], targets[2]["image_size"] = (gt_size[0] - 9, gt_size[1]), (20, gt_size[1] - 5)
     like = torch.zeros(1, dtype=torch.float64)
-    for got, want in zip(InPlaceCostMatcher.ground_truth(targets, size, like),
-                         HungarianMatcher.ground_truth(targets, size, like)):
-        assert got.dtype == want.dtype and torch.equal(got, want)
+    got, want = InPlaceCostMatcher.ground_truth(targets, size, like), HungarianMatcher.ground_truth(targets, size, like)
+    assert (got[2] is None) == (want[2] is None) == (not padded)
+    for a, b in zip(got, want):
+        assert a is None or (a.dtype == b.dtype and torch.equal(a, b))
+    if padded:  # the masks are empty outside their image's valid region
+        assert (want[1] * (1 - want[2][:, None])).abs().sum() == 0 and 0 < want[2].sum() < want[2].numel()
 
 
 def test_training_after_a_prediction_at_the_same_sizes(one_thread, switch):

@@ -9,6 +9,7 @@ from torch import nn
 
 from mfcore.inference import (
     PIXEL_MEAN,
+    detr_panoptic_inference,
     general_semantic_inference,
     instance_inference,
     pad_images,
@@ -140,6 +141,42 @@ def test_panoptic_below_threshold_gives_all_void():
         assert torch.equal(seg, torch.zeros(h, w, dtype=torch.int32))
     _, segments = panoptic_inference(logits, masks, thing_ids=[0], object_mask_threshold=0.6)
     assert len(segments) == 1  # q0 wins every pixel (ties go to the first query), q1 gets 0 px
+
+
+def test_detr_panoptic_inference_assigns_by_mask_logit_and_drops_below_085():
+    """DETR's rule: a query passes at p_i(c_i) > 0.85 (0.82 does not, though general inference's 0.8 keeps
+    it); pixels go to the highest mask logit, whatever the class score, and none is left VOID."""
+    h, w = 4, 6
+    logits = class_logits([[0.86, 0.04, 0.10], [0.99, 0.005, 0.005], [0.03, 0.82, 0.15]])  # 0 thing, 1 stuff
+    masks = torch.stack([box_mask(h, w, slice(None), slice(0, 4)), box_mask(h, w, slice(None), slice(2, 6)),
+                         torch.full((h, w), BIG + 2, dtype=torch.float64)])
+    masks[0, :, 2:4] = BIG + 1  # q0's mask logit is higher on the overlap, though q1's class score is higher
+    seg, segments = detr_panoptic_inference(logits, masks, thing_ids=[0])
+    assert [(s["id"], s["category_id"], s["isthing"]) for s in segments] == [(1, 0, True), (2, 0, True)]
+    assert [s["score"] for s in segments] == pytest.approx([0.86, 0.99])
+    assert (seg[:, :4] == 1).all() and (seg[:, 4:] == 2).all()
+    # general inference on the two things assigns by p_i(c_i) * sigmoid(m_i): q1 takes the overlap, q0 is
+    # dropped by the overlap rule and its pixels are VOID
+    general, kept = panoptic_inference(logits[:2], masks[:2], thing_ids=[0])
+    assert [s["score"] for s in kept] == pytest.approx([0.99]) and (general[:, :2] == 0).all()
+    _, none = detr_panoptic_inference(class_logits([[0.84, 0.06, 0.10]]), masks[:1], thing_ids=[0])
+    assert none == []  # 0.84 < 0.85: nothing kept, all VOID
+
+
+def test_detr_panoptic_inference_reassigns_small_segments_and_merged_stuff():
+    """A query winning <= 4 pixels is dropped and its pixels go to the next-best mask (no VOID); a second
+    stuff query of one class is merged away first, then dropped, so its pixels go to the next-best mask too."""
+    h, w = 4, 6
+    logits = class_logits([[0.9, 0.05, 0.05], [0.9, 0.05, 0.05], [0.05, 0.9, 0.05], [0.05, 0.9, 0.05]])
+    masks = torch.stack([box_mask(h, w, slice(None), slice(0, 3)),   # q0 thing, cols 0-2
+                         box_mask(h, w, slice(0, 1), slice(0, 2)),   # q1 thing, 2 pixels of q0's
+                         box_mask(h, w, slice(0, 2), slice(3, 6)),   # q2 stuff, top right
+                         box_mask(h, w, slice(2, 4), slice(3, 6))])  # q3 stuff of q2's class, bottom right
+    masks[1, 0, :2] = BIG + 1
+    masks[2, 2:, 3:] = 0.0                                           # q2 is next best where q3 wins
+    seg, segments = detr_panoptic_inference(logits, masks, thing_ids=[0])
+    assert [(s["id"], s["category_id"]) for s in segments] == [(1, 0), (2, 1)]
+    assert (seg[:, :3] == 1).all() and (seg[:, 3:] == 2).all()
 
 
 def test_general_semantic_inference_merges_and_marks_void():

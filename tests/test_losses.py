@@ -290,3 +290,48 @@ def test_criterion_runs_in_float64(kind, num_points, fast_on):
         assert all(leaves[name].grad is not None and leaves[name].grad.dtype == torch.float64 for name in used)
     finally:
         fast.set_enabled(was)
+
+
+@pytest.mark.parametrize("fast_on", [False, True])
+@pytest.mark.parametrize("num_points", [None, 16])
+def test_loss_and_matching_never_see_the_batch_padding(num_points, fast_on):
+    """Images of their own sizes padded into one batch (no fixed canvas): changing what lies in the padding,
+    the ground-truth masks there and the predicted logits that only padding pixels read, changes neither
+    the matching nor any loss term (plain and fast paths, dense and point-sampled)."""
+    from mfcore import fast
+
+    was = fast.enabled()
+    fast.set_enabled(fast_on)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        k, n, sizes = 4, 5, [(40, 52), (64, 36)]  # the batch is 64 x 64, logits at stride 4: 16 x 16
+        criterion = fast.build_criterion("hungarian", k, n, num_points=num_points, dec_layers=2)
+        layers = [{"pred_logits": torch.randn(2, n, k + 1, generator=gen, dtype=torch.float64),
+                   "pred_masks": 3 * torch.randn(2, n, 16, 16, generator=gen, dtype=torch.float64)} for _ in range(2)]
+        targets = []
+        for h, w in sizes:
+            masks = torch.zeros(3, 64, 64, dtype=torch.bool)
+            masks[:, :h, :w] = torch.rand(3, h, w, generator=gen) > 0.5
+            targets.append({"labels": torch.tensor([0, 2, 3]), "masks": masks, "image_size": (h, w)})
+
+        def losses(layers, targets):
+            torch.manual_seed(1)  # the same sampled points
+            return criterion(dict(layers[-1], aux_outputs=layers[:-1]), targets)
+
+        want = losses(layers, targets)
+        changed = [{"pred_logits": layer["pred_logits"], "pred_masks": layer["pred_masks"].clone()}
+                   for layer in layers]
+        noisy = [dict(t, masks=t["masks"].clone()) for t in targets]
+        for b, (h, w) in enumerate(sizes):
+            # output pixel y reads logit rows around (y + 0.5) / 4 - 0.5: rows > h / 4 are read by padding only
+            for layer in changed:
+                layer["pred_masks"][b, :, h // 4 + 1:] = 50.0
+                layer["pred_masks"][b, :, :, w // 4 + 1:] = -50.0
+            noisy[b]["masks"][:, h:] = True
+            noisy[b]["masks"][:, :, w:] = True
+        got = losses(changed, noisy)
+        assert list(got) == list(want)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-12, msg=name)
+    finally:
+        fast.set_enabled(was)

@@ -30,7 +30,10 @@ RELEASED = {
                                  (1024, 2048, 3072), None, True, 255, 300_000, 16),
     "ade20k-panoptic-maskformer-r50": (AT_640, 2560, (640, 640), 640, 2560, TTA_640, 4480, False, 255, 720_000,
                                        16),
-    "coco-panoptic-maskformer-r50": (None, 1333, None, 800, 1333, None, None, False, 255, 554_400, 64),
+    "coco-panoptic-maskformer-r50": (tuple(range(480, 801, 32)), 1333, None, 800, 1333, None, None, False, 255,
+                                     554_400, 64),
+    "coco-panoptic-maskformer-swin-l": (tuple(range(480, 801, 32)), 1000, None, 800, 1333, None, None, False, 255,
+                                        554_400, 64),
 }
 
 
@@ -53,6 +56,15 @@ def test_preset_has_the_released_values(name):
     assert (cfg.ignore_label, cfg.iters, cfg.batch_size) == (ignore, iters, batch)
 
 
+def test_coco_panoptic_trains_with_detr_augmentation_every_other_dataset_with_the_semantic_one():
+    """COCO panoptic uses DETR's augmentation (released INPUT.DATASET_MAPPER_NAME "detr_panoptic"); the
+    semantic datasets and ADE20K panoptic the semantic recipe (crop, colour, pad to the crop)."""
+    for dataset in DATASETS:
+        for backbone in BACKBONES:
+            want = "detr" if dataset == "coco-panoptic" else "semantic"
+            assert get_preset(f"{dataset}-maskformer-{backbone}").train.augmentation == want
+
+
 def test_every_dataset_preset_is_in_the_table():
     datasets = {name.split("-maskformer-")[0] for name in RELEASED}
     assert datasets == set(DATASETS)
@@ -66,8 +78,8 @@ def test_dataset_values_do_not_depend_on_model(dataset):
     ref = get_preset(f"{dataset}-maskformer-r50").train
     for model in MODELS:
         for backbone in BACKBONES:
-            if dataset == "ade20k" and backbone in ("swin-b", "swin-l"):
-                continue
+            if (dataset, backbone) in (("ade20k", "swin-b"), ("ade20k", "swin-l"), ("coco-panoptic", "swin-l")):
+                continue  # Swin-B/L on ADE20K at 640; Swin-L on COCO at max size 1000
             cfg = get_preset(f"{dataset}-{model}-{backbone}").train
             assert [getattr(cfg, f) for f in fields] == [getattr(ref, f) for f in fields]
 

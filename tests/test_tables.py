@@ -31,6 +31,15 @@ def test_planned_runs_cover_each_table_once(smoke):
         planned_runs(smoke, ["table9"])
 
 
+def test_table3_has_the_detr_postprocessing_row(smoke):
+    """Table 3's "MaskFormer (DETR post-processing)" row: the R50 + 6 Enc model (its params and FLOPs) with the
+    paper's PQ for DETR's panoptic post-processing; quality needs the paper profile (nan here)."""
+    frame = tables.table3(smoke).frame.set_index("model")
+    row, same = frame.loc["coco-panoptic-maskformer-r50 (DETR post-processing)"], frame.loc["coco-panoptic-maskformer-r50"]
+    assert (row["PQ paper"], row["PQ^Th paper"], row["PQ^St paper"]) == (45.6, 50.0, 39.0)
+    assert row["params ours (M)"] == same["params ours (M)"] and row["FLOPs ours (G)"] == same["FLOPs ours (G)"]
+
+
 def test_profile_overrides_reach_the_specs_and_provenance(smoke):
     assert smoke.profile.seeds == (0,)
     assert "seeds [0]" in smoke.profile.describe()

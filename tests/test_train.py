@@ -145,6 +145,12 @@ def test_perpixelplus_and_panoptic_runs_and_evaluate_writes_json(data_root, tmp_
     assert written["metrics"]["panoptic"]["PQ"] == pytest.approx(result["eval"]["panoptic"]["PQ"], nan_ok=True)
     evaluate(run / "last.pt", data_root, tta=True)  # multi-scale + flip: its own file
     assert 0 <= json.loads((run / "eval_val_tta.json").read_text())["metrics"]["semantic"]["mIoU"] <= 100
+    detr = evaluate(run / "last.pt", data_root, inference="detr")  # Table 3's DETR post-processing row
+    assert detr["output"] == str(run / "eval_val_detr.json") and detr["inference"] == "detr"
+    assert 0 <= detr["metrics"]["panoptic"]["PQ"] <= 100 or math.isnan(detr["metrics"]["panoptic"]["PQ"])
+    assert detr["metrics"]["semantic"]["mIoU"] == pytest.approx(written["metrics"]["semantic"]["mIoU"])
+    with pytest.raises(ValueError, match="detr inference needs a MaskFormer"):  # PerPixelBaseline+: no pairs
+        evaluate(tmp_path / "pp" / "last.pt", data_root, inference="detr")
 
 
 def test_resumed_run_ends_bit_identical(data_root, tmp_path):

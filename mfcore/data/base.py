@@ -9,8 +9,8 @@ plus "pan_seg" (int32 [H, W], 0 = void) and "segments_info" for panoptic dataset
 Class ids are contiguous 0..K-1; unlabeled pixels carry `dataset.ignore_label`, which is 255,
 or 65535 when K > 255 (ADE20K-Full: 255 is a real class there).
 Targets follow the paper: semantic -> one mask per class present; panoptic -> one mask per
-non-crowd segment (crowd pixels are ignore in sem_seg and produce no target). They are built
-after the transform, from the augmented labels.
+non-crowd segment (crowd pixels are ignore in sem_seg and produce no target; a segment cropped out of
+view stays as an empty mask). They are built after the transform, from the augmented labels.
 """
 from __future__ import annotations
 

@@ -11,8 +11,11 @@ nearest-neighbour interpolation, so label values are never blended):
 The training pipeline follows the released MaskFormer recipe (semantic datasets):
 short-side scale jitter -> random crop (optionally "category area constrained") ->
 SSD-style photometric distortion -> horizontal flip -> pad to the crop size.
+COCO panoptic trains with DETR's augmentation instead (`build_detr_transform`): flip, then a resize or a
+resize-crop-resize, no colour augmentation and no fixed canvas (`collate` pads each batch to its own size).
 Targets (one binary mask + label per segment) are built only *after* augmentation, from the
-augmented sem_seg / pan_seg, so a segment cropped away produces no target.
+augmented sem_seg / pan_seg: a class cropped away produces no semantic target, while a panoptic segment
+cropped away stays as an empty mask (as the released panoptic mappers build one mask per listed segment).
 """
 from __future__ import annotations
 
@@ -46,7 +49,10 @@ def semantic_targets(sem_seg: Tensor, ignore_label: int) -> tuple[Tensor, Tensor
 
 
 def panoptic_targets(pan_seg: Tensor, segments_info: Sequence[dict]) -> tuple[Tensor, Tensor]:
-    """One binary mask per non-crowd segment still visible in pan_seg (crowd segments dropped).
+    """One binary mask per non-crowd segment of segments_info (crowd segments dropped), in its order.
+
+    A segment that augmentation cropped out of view keeps its label with an empty mask, as the released
+    panoptic dataset mappers do (one mask `pan_seg == id` per non-crowd segment of the annotation).
 
     Args:
         pan_seg: [H, W] segment ids (0 = void).
@@ -54,8 +60,7 @@ def panoptic_targets(pan_seg: Tensor, segments_info: Sequence[dict]) -> tuple[Te
     Returns:
         labels: int64 [n]; masks: bool [n, H, W].
     """
-    present = set(torch.unique(pan_seg).tolist())
-    kept = [s for s in segments_info if not s["iscrowd"] and s["id"] in present]
+    kept = [s for s in segments_info if not s["iscrowd"]]
     labels = torch.tensor([s["category_id"] for s in kept], dtype=torch.int64)
     ids = torch.tensor([s["id"] for s in kept], dtype=pan_seg.dtype)
     masks = pan_seg.unsqueeze(0) == ids.view(-1, 1, 1)
@@ -132,11 +137,53 @@ class RandomCropCategoryArea:
             window = sample["sem_seg"][top:top + crop_h, left:left + crop_w]
             if tries == 1 or self._acceptable(window):
                 break
-        out = dict(sample)
-        for key, value in sample.items():
-            if isinstance(value, (tv_tensors.Image, tv_tensors.Mask)):
-                out[key] = F.crop(value, top, left, crop_h, crop_w)
-        return out
+        return _crop(sample, top, left, crop_h, crop_w)
+
+
+def _crop(sample: dict[str, Any], top: int, left: int, height: int, width: int) -> dict[str, Any]:
+    """The window (top, left, height, width) of the image and every label map of a sample."""
+    out = dict(sample)
+    for key, value in sample.items():
+        if isinstance(value, (tv_tensors.Image, tv_tensors.Mask)):
+            out[key] = F.crop(value, top, left, height, width)
+    return out
+
+
+class RandomSizeCrop:
+    """DETR's crop (detectron2 RandomCrop "absolute_range"): a window of height uniform in
+    [min(H, min_size), min(H, max_size)] and width uniform in [min(W, min_size), min(W, max_size)], drawn
+    independently, at a uniform position."""
+
+    def __init__(self, min_size: int = 384, max_size: int = 600):
+        if not 0 < min_size <= max_size:
+            raise ValueError(f"RandomSizeCrop: expected 0 < min_size <= max_size, got {min_size}, {max_size}")
+        self.min_size, self.max_size = min_size, max_size
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        height, width = sample["image"].shape[-2:]
+        crop_h = int(torch.randint(min(height, self.min_size), min(height, self.max_size) + 1, ()))
+        crop_w = int(torch.randint(min(width, self.min_size), min(width, self.max_size) + 1, ()))
+        top = int(torch.randint(height - crop_h + 1, ()))
+        left = int(torch.randint(width - crop_w + 1, ()))
+        return _crop(sample, top, left, crop_h, crop_w)
+
+
+class DetrResizeOrCrop:
+    """DETR's scale augmentation (Carion et al. 2020, Sec. A.4; MaskFormer's released `detr_panoptic` mapper for
+    COCO panoptic): with probability 0.5 resize the short side to one of `short_sides` (480, 512, ..., 800)
+    with the long side <= max_size (1333); otherwise resize the short side to one of `crop_short_sides`
+    (400, 500, 600; no cap), crop a random window of 384..600 per side (`RandomSizeCrop`), and then resize
+    as in the first branch."""
+
+    def __init__(self, short_sides: Sequence[int], max_size: int, crop_short_sides: Sequence[int] = (400, 500, 600),
+                 crop_range: tuple[int, int] = (384, 600)):
+        self.resize = ResizeShortestEdge(short_sides, max_size)
+        self.crop = v2.Compose([ResizeShortestEdge(crop_short_sides, None), RandomSizeCrop(*crop_range)])
+
+    def __call__(self, sample: dict[str, Any]) -> dict[str, Any]:
+        if bool(torch.rand(()) < 0.5):
+            sample = self.crop(sample)
+        return self.resize(sample)
 
 
 class PhotometricDistortion:
@@ -237,6 +284,14 @@ def build_train_transform(crop_size: int | tuple[int, int], short_sides: Sequenc
         steps.append(v2.RandomHorizontalFlip(p=0.5))
     steps.append(PadToSize(crop, ignore_label))
     return v2.Compose(steps)
+
+
+def build_detr_transform(short_sides: Sequence[int], max_size: int) -> v2.Compose:
+    """DETR's training augmentation (COCO panoptic; released INPUT.DATASET_MAPPER_NAME "detr_panoptic",
+    MIN_SIZE_TRAIN 480..800 step 32, MAX_SIZE_TRAIN 1333, Swin-L 1000): horizontal flip, then
+    `DetrResizeOrCrop`. No colour augmentation, no padding: each image keeps its own size, and `collate` pads
+    a batch to its largest image, padding the criterion never sees."""
+    return v2.Compose([v2.RandomHorizontalFlip(p=0.5), DetrResizeOrCrop(short_sides, max_size)])
 
 
 def collate(batch: Sequence[dict[str, Any]], size_divisibility: int = 32, ignore_label: int = 255,

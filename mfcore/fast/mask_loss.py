@@ -3,6 +3,7 @@ ground-truth masks prepared once for all decoder layers, and bilinear upsampling
 
 `mfcore.losses.SetCriterion` computes, per decoder layer, over the matched (prediction, segment) pairs:
     L_mask = 20 * focal(m, t) + 1 * dice(m, t),  the logits m bilinearly upsampled to the ground truth's size;
+Both cut to the image's region (`mfcore.matcher.image_region`): the batch padding enters no loss.
 `FusedSetCriterion` gives the same numbers (to float rounding) with fewer passes over the [M, H*W]
 upsampled logits and fewer intermediates kept for backward, and matches all decoder layers in one batch
 when its matcher is an `InPlaceCostMatcher`.
@@ -18,7 +19,7 @@ from torch import Tensor
 from mfcore.fast.matcher_costs import InPlaceCostMatcher
 from mfcore.losses import SetCriterion
 from mfcore.mask_loss import loss_dtype
-from mfcore.matcher import Indices
+from mfcore.matcher import Indices, image_region
 
 
 @functools.lru_cache(maxsize=32)
@@ -42,17 +43,19 @@ def interpolation_matrix(in_size: int, out_size: int, device: torch.device,
         return weights.to(device, dtype)
 
 
-def upsample_bilinear(x: Tensor, size: tuple[int, int]) -> Tensor:
+def upsample_bilinear(x: Tensor, size: tuple[int, int], region: tuple[int, int] | None = None) -> Tensor:
     """F.interpolate(x[:, None], size, mode="bilinear", align_corners=False)[:, 0] for x: [M, h, w] -> [M, H, W],
-    as two matrix products up = A_h x A_w^T (bilinear interpolation is separable).
+    as two matrix products up = A_h x A_w^T (bilinear interpolation is separable). region (h_img, w_img): only
+    the output's top-left region [M, h_img, w_img], from the first rows of A_h and A_w (the rest is padding).
 
     Same values up to float rounding; the point is the backward, which is two more matrix products
     here but a slow scatter loop in F.interpolate's CPU kernel (~10x slower for single-channel maps).
     Runs in float32 at least, even under autocast: these are the logits the losses are computed from.
     """
     x = loss_dtype(x)
-    a_h = interpolation_matrix(x.shape[-2], size[0], x.device, x.dtype)
-    a_w = interpolation_matrix(x.shape[-1], size[1], x.device, x.dtype)
+    region = region or size
+    a_h = interpolation_matrix(x.shape[-2], size[0], x.device, x.dtype)[:region[0]]
+    a_w = interpolation_matrix(x.shape[-1], size[1], x.device, x.dtype)[:region[1]]
     with torch.autocast(x.device.type, enabled=False):
         return torch.matmul(torch.matmul(a_h, x), a_w.t())
 
@@ -103,22 +106,23 @@ class FocalDiceLoss(torch.autograd.Function):
 
 
 class DenseMaskTargets:
-    """The batch's ground-truth masks as float rows [T, H*W], per ground-truth size, with their
-    target_terms: prepared once per criterion call and shared by every decoder layer, which only picks
-    the rows its matching needs (all of them, in order, whenever every segment is matched)."""
+    """The batch's ground-truth masks cut to their image's region, as float rows [T, h_img*w_img], per
+    (ground-truth size, region), with their target_terms: prepared once per criterion call and shared by every
+    decoder layer, which only picks the rows its matching needs (all of them, in order, whenever every segment
+    is matched)."""
 
     def __init__(self, targets: list[dict], device: torch.device, dtype: torch.dtype = torch.float32,
                  alpha: float = 0.25):
-        by_size: dict[tuple[int, int], list[int]] = {}
+        by_size: dict[tuple[tuple[int, int], tuple[int, int]], list[int]] = {}
         for b, t in enumerate(targets):
             if len(t["labels"]):
-                by_size.setdefault(tuple(t["masks"].shape[-2:]), []).append(b)
+                by_size.setdefault((tuple(t["masks"].shape[-2:]), image_region(t)), []).append(b)
         self.groups = {}
-        for size, images in by_size.items():
-            rows = torch.cat([targets[b]["masks"].to(device) for b in images]).flatten(1).to(dtype)
+        for (size, (h, w)), images in by_size.items():
+            rows = torch.cat([targets[b]["masks"][:, :h, :w].to(device) for b in images]).flatten(1).to(dtype)
             counts = [len(targets[b]["labels"]) for b in images]
             offsets = dict(zip(images, torch.tensor([0] + counts[:-1]).cumsum(0).tolist()))
-            self.groups[size] = (images, offsets, rows, *target_terms(rows, alpha))
+            self.groups[size, (h, w)] = (images, offsets, rows, *target_terms(rows, alpha))
 
 
 class FusedSetCriterion(SetCriterion):
@@ -144,12 +148,12 @@ class FusedSetCriterion(SetCriterion):
         return super().match(layers, targets)
 
     def dense_focal_dice(self, pred: Tensor, targets: list[dict], indices: Indices) -> tuple[Tensor, Tensor]:
-        """Matched pairs of all images at once (images whose ground truth has the same size share one
+        """Matched pairs of all images at once (images whose ground truth has the same size and region share one
         gather, one upsampling and one loss call). Pairs are taken in ground-truth order, so that a
         matching that covers every segment uses the prepared targets as they are. -> (focal [M], dice [M])"""
         mask_targets = self._mask_targets or DenseMaskTargets(targets, pred.device, loss_dtype(pred[:0]).dtype)
         focal, dice = [], []
-        for size, (images, offsets, rows, *terms) in mask_targets.groups.items():
+        for (size, region), (images, offsets, rows, *terms) in mask_targets.groups.items():
             order = [torch.argsort(indices[b][1]) for b in images]
             batch_idx = torch.cat([torch.full_like(indices[b][0], b) for b in images]).to(pred.device)
             src_idx = torch.cat([indices[b][0][o] for b, o in zip(images, order)]).to(pred.device)
@@ -159,7 +163,7 @@ class FusedSetCriterion(SetCriterion):
             picked = [rows, *terms]
             if len(row_idx) < len(rows):  # some segment unmatched (more segments than queries)
                 picked = [x[row_idx.to(x.device)] for x in picked]
-            logits = upsample_bilinear(pred[batch_idx, src_idx], size).flatten(1)
+            logits = upsample_bilinear(pred[batch_idx, src_idx], size, region).flatten(1)
             focal_g, dice_g = FocalDiceLoss.apply(logits, *picked)
             focal.append(focal_g)
             dice.append(dice_g)

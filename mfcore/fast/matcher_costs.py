@@ -13,14 +13,17 @@ from mfcore.matcher import HungarianMatcher, Indices, assign, check_targets
 
 
 def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: float = 2.0,
-               scratch: list[Tensor] | None = None, per_image: bool | None = None) -> tuple[Tensor, Tensor]:
+               scratch: list[Tensor] | None = None, per_image: bool | None = None,
+               valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`mfcore.mask_loss.pairwise_focal_dice` for logits [B, N, P], targets [B, M, P] in {0, 1} -> (focal, dice),
     each [B, N, M]. With p = sigmoid(x), pos = (1-p)^g (-log p) and neg = p^g (-log(1-p)), both are linear in t:
 
         sum_pixels focal(x, t) = a pos.t + (1-a) neg.(1-t) = a (pos - (1-a)/a neg).t + (1-a) sum(neg)
         dice(m, t)             = 1 - (2 p.t + 1) / (sum(p) + sum(t) + 1)
 
-    so each needs one matrix product with the targets and one sum per prediction.
+    so each needs one matrix product with the targets and one sum per prediction. valid [B, P] in {0, 1}
+    (None: all pixels): the sums run over valid pixels only (targets zeroed outside, sums as products with
+    valid) and the focal mean divides by their count, as pairwise_focal_dice's.
     scratch: 4 work tensors shaped like logits (None: allocated here). per_image (default: on CPU) sends the
     images through them one at a time: fewer multi-MB buffers in flight, so more of them stay in cache;
     on a GPU the whole batch goes at once (fewer kernel launches).
@@ -34,12 +37,21 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
     neg_sum, prob_sum = (logits.new_empty(batch, num_preds) for _ in range(2))
     if per_image is None:
         per_image = logits.device.type == "cpu"
+    if valid is not None:
+        targets = targets * valid[:, None]
+
+    def pixel_sum(x: Tensor, part, out: Tensor) -> None:  # sum over the (valid) pixels of each prediction
+        if valid is None:
+            torch.sum(x, -1, out=out[part])
+        else:
+            out[part] = torch.matmul(x, valid[part].unsqueeze(-1)).squeeze(-1)
+
     parts = range(batch) if per_image else [slice(None)]                 # an image [N, P] or all [B, N, P]
     for part in parts:
         x, (one_minus, neg_log, pos_log, prob) = logits[part], (s[part] for s in scratch)
         torch.sigmoid(x, out=prob)
         torch.matmul(targets[part], prob.transpose(-1, -2), out=prob_t[part])
-        torch.sum(prob, -1, out=prob_sum[part])
+        pixel_sum(prob, part, prob_sum)
         # -log(1 - p) = softplus(x) = relu(x) + log(1 + e^-|x|) and -log p = softplus(x) - x.
         # log(1 + e^-|x|) = -log max(p, 1 - p): the max is >= 1/2, so its log is exact to float rounding
         # and costs one fast log instead of the slow log1p(exp()) of F.softplus.
@@ -52,8 +64,9 @@ def mask_costs(logits: Tensor, targets: Tensor, alpha: float = 0.25, gamma: floa
         neg = neg_log.mul_(prob.pow_(gamma))                                 # p^g (-log(1-p))
         weight = pos.sub_(neg, alpha=(1 - alpha) / alpha)
         torch.matmul(targets[part], weight.transpose(-1, -2), out=weight_t[part])
-        torch.sum(neg, -1, out=neg_sum[part])
-    focal = (alpha * weight_t.transpose(1, 2) + (1 - alpha) * neg_sum[..., None]) / num_pixels
+        pixel_sum(neg, part, neg_sum)
+    count = num_pixels if valid is None else valid.sum(-1)[:, None, None]
+    focal = (alpha * weight_t.transpose(1, 2) + (1 - alpha) * neg_sum[..., None]) / count
     dice = 1 - (2 * prob_t.transpose(1, 2) + 1) / (prob_sum[..., None] + targets.sum(-1)[:, None, :] + 1)
     return focal, dice
 
@@ -98,8 +111,8 @@ class InPlaceCostMatcher(HungarianMatcher):
             self._scratch = {key: [torch.empty(like.shape, dtype=like.dtype) for _ in range(count)]}
         return self._scratch[key]
 
-    def mask_costs(self, logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
-        return mask_costs(logits, targets, scratch=self.scratch(logits, 4))
+    def mask_costs(self, logits: Tensor, targets: Tensor, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        return mask_costs(logits, targets, scratch=self.scratch(logits, 4), valid=valid)
 
     @staticmethod
     def downsample(masks: Tensor, size: tuple[int, int]) -> Tensor:
@@ -115,9 +128,10 @@ class InPlaceCostMatcher(HungarianMatcher):
         sizes = [len(t["labels"]) for t in targets]
         if max(sizes, default=0) == 0:
             return [assign([logits.new_zeros(logits.shape[1], 0) for _ in targets]) for _ in layers]
-        labels, gt = self.ground_truth(targets, masks.shape[-2:], logits)
+        labels, gt, valid = self.ground_truth(targets, masks.shape[-2:], logits)
         repeat = len(layers)
-        cost = self.costs(logits, masks, labels.repeat(repeat, 1), gt.repeat(repeat, 1, 1)).cpu()
+        valid = None if valid is None else valid.repeat(repeat, 1)
+        cost = self.costs(logits, masks, labels.repeat(repeat, 1), gt.repeat(repeat, 1, 1), valid).cpu()
         batch = len(targets)
         pairs = assign([cost[i, :, :sizes[i % batch]] for i in range(repeat * batch)])
         return [pairs[i * batch:(i + 1) * batch] for i in range(repeat)]

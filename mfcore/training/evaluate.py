@@ -10,6 +10,8 @@ Single-scale test: the image is resized to the preset's test short side, predict
 the label's original size. `tta=True`: the multi-scale + flip test of Table 1 (semantic metrics only;
 the panoptic numbers stay single-scale, as in the paper). `inference="general"`: Table VII's general
 inference (the panoptic rule with object threshold 0.3) read out as the semantic prediction.
+`inference="detr"`: the panoptic numbers from DETR's post-processing instead of general inference (Table 3's
+"MaskFormer (DETR post-processing)" row); the semantic numbers stay those of semantic inference.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from mfcore.data.datasets import PanopticSegDataset
 from mfcore.fast.semantic_labels import semantic_labels
 from mfcore.files import write_json
 from mfcore.inference import (
+    detr_panoptic_inference,
     general_semantic_inference,
     instance_inference,
     pad_images,
@@ -47,6 +50,7 @@ from mfcore.training.checkpoint import (
 from mfcore.training.runtime import checkpoint_dataset, resolve_device, set_tf32
 
 GENERAL_THRESHOLD = 0.3  # Table VII: object-mask threshold of the general inference for semantic output
+INFERENCE = ("semantic", "general", "detr")
 
 
 def _padded_outputs(model: nn.Module, image: Tensor) -> tuple[dict, tuple[int, int], tuple[int, int]]:
@@ -124,13 +128,16 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
     "per_class"}, "panoptic" (panoptic datasets with a mask-classification model): {"PQ", "PQ_Th",
     "PQ_St", "SQ", "RQ", "per_class"}, "instance" (the same): mask AP of the thing classes {"AP", "AP50",
     "AP75", "APs", "APm", "APl"}}; values in percent.
-    inference: "semantic" (marginalisation, the default) or "general" (MaskFormer only; Table VII).
+    inference: "semantic" (marginalisation, the default), "general" (MaskFormer only; Table VII) or "detr"
+    (panoptic datasets and MaskFormer only: PQ from DETR's post-processing; Table 3).
     log: gets about 20 progress lines ("eval: 100/2000 images, 4.1 img/s, eta 7.7 min"; this process's share).
     """
-    if inference not in ("semantic", "general"):
-        raise ValueError(f"inference={inference!r}: expected 'semantic' or 'general'")
-    if inference == "general" and (tta or model.cfg.arch != "maskformer"):
-        raise ValueError("general inference needs a MaskFormer model and single-scale testing")
+    if inference not in INFERENCE:
+        raise ValueError(f"inference={inference!r}: expected one of {INFERENCE}")
+    if inference != "semantic" and (tta or model.cfg.arch != "maskformer"):
+        raise ValueError(f"{inference} inference needs a MaskFormer model and single-scale testing")
+    if inference == "detr" and not isinstance(dataset, PanopticSegDataset):
+        raise ValueError("detr inference is DETR's panoptic post-processing: it needs a panoptic dataset")
     was_training = model.training
     model.eval()
     k, names = dataset.num_classes, list(dataset.class_names)
@@ -158,7 +165,7 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
             pred = mask_labels(model, resized, out_size)  # no full-resolution masks needed
         elif mask_classification:
             logits, masks = mask_predictions(model, resized, out_size)
-            if inference == "semantic":
+            if inference != "general":
                 pred = semantic_inference(logits, masks).argmax(0)
             else:  # Table VII's general inference: the panoptic rule read out as a label map
                 pred = general_semantic_inference(logits, masks, GENERAL_THRESHOLD, cfg.overlap_threshold,
@@ -171,8 +178,11 @@ def evaluate_model(model: nn.Module, dataset: Any, cfg: TrainConfig, device: tor
         if pq is not None:
             if logits is None:
                 logits, masks = mask_predictions(model, resized, out_size)
-            seg, segments = panoptic_inference(logits, masks, dataset.thing_ids, cfg.object_mask_threshold,
-                                               cfg.overlap_threshold)
+            if inference == "detr":
+                seg, segments = detr_panoptic_inference(logits, masks, dataset.thing_ids)
+            else:
+                seg, segments = panoptic_inference(logits, masks, dataset.thing_ids, cfg.object_mask_threshold,
+                                                   cfg.overlap_threshold)
             pq.add(sample["pan_seg"].numpy(), sample["segments_info"], seg.cpu().numpy(), segments)
             ap.add(_thing_instances(sample), _thing_predictions(logits, masks, dataset.thing_ids))
         if log is not None and (done % every == 0 or done == len(indices)):
@@ -204,7 +214,7 @@ def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: b
     """Evaluate a checkpoint (from `train` or `convert-checkpoint`) and write the results as JSON.
     log: gets the progress lines of the main process (`evaluate_model`).
 
-    The JSON goes to `output`, by default next to the checkpoint: `eval_<split>[_tta|_general].json`.
+    The JSON goes to `output`, by default next to the checkpoint: `eval_<split>[_tta|_general|_detr].json`.
     Returns the written dict: {"checkpoint", "iteration", "split", "tta", "metrics", "config", "git_commit"}.
     """
     checkpoint = Path(checkpoint)
@@ -233,7 +243,7 @@ def evaluate(checkpoint: str | Path, data_root: str | Path | None = None, tta: b
               "seconds": round(time.perf_counter() - start, 2), "metrics": metrics,
               "config": config_dict(preset, model_cfg, loss_cfg, train_cfg), "git_commit": ckpt.get("git_commit")}
     if du.is_main_process():
-        suffix = "_tta" if tta else "_general" if inference == "general" else ""
+        suffix = "_tta" if tta else "" if inference == "semantic" else f"_{inference}"
         if max_images is not None and max_images < len(dataset):  # a partial check never replaces the full result
             suffix += f"_first{max_images}"
         path = Path(output) if output else checkpoint.parent / f"eval_{split}{suffix}.json"

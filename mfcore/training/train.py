@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 from mfcore import fast
 from mfcore.config import TrainConfig, override
 from mfcore.data.catalog import SYNTHETIC, dataset_name
-from mfcore.data.transforms import build_train_transform, collate
+from mfcore.data.transforms import build_detr_transform, build_train_transform, collate
 from mfcore.files import json_safe, write_json, write_text
 from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
@@ -104,6 +104,15 @@ def _batches(loader: DataLoader) -> Iterator[Any]:
         shutdown = getattr(batches, "_shutdown_workers", None)
         if shutdown is not None:
             shutdown()
+
+
+def train_transform(cfg: TrainConfig) -> Callable:
+    """The training augmentation of `cfg`: DETR's (augmentation="detr", COCO panoptic) or the semantic recipe
+    (hue jitter off for the synthetic scenes, whose classes differ by hue)."""
+    if cfg.augmentation == "detr":
+        return build_detr_transform(cfg.short_sides, cfg.max_size)
+    return build_train_transform(cfg.crop_size, cfg.short_sides, cfg.max_size, ignore_label=cfg.ignore_label,
+                                 hue_delta=0 if cfg.dataset in SYNTHETIC else 18)
 
 
 def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
@@ -246,9 +255,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
         raise ValueError(f"{output_dir} already holds a run (last.pt): pass --resume to continue it, or choose "
                          f"another --output")
 
-    # Data: augmentation (hue jitter off for the synthetic scenes, whose classes differ by hue)
-    transform = build_train_transform(cfg.crop_size, cfg.short_sides, cfg.max_size, ignore_label=cfg.ignore_label,
-                                      hue_delta=0 if cfg.dataset in SYNTHETIC else 18)
+    transform = train_transform(cfg)
     for turn in (0, 1):  # rank 0 first: it may generate the default synthetic set
         if (rank == 0) == (turn == 0):
             train_set = build_run_dataset(cfg.dataset, data_root, "train", transform)
