@@ -125,11 +125,12 @@ def load_model_state(model: nn.Module, state: dict[str, Tensor], source: str) ->
 
 
 def config_differences(a: dict, b: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """`section.field: a != b` for every differing field of two `config_dict`s."""
+    """`section.field: a != b` for every differing field of two `config_dict`s. A field only one of them has was
+    added after the other was saved; it is not a difference (a run saved before it can still be resumed)."""
     out = [f"preset: {a['preset']} != {b['preset']}"] if a["preset"] != b["preset"] else []
     for section in ("model", "loss", "train"):
         for key in sorted(set(a[section]) | set(b[section])):
-            if key in ignore:
+            if key in ignore or key not in a[section] or key not in b[section]:
                 continue
             va, vb = a[section].get(key), b[section].get(key)
             if _normalise(va) != _normalise(vb):
