@@ -30,7 +30,7 @@ from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
 from mfcore.companion.profiles import get_profile
 from mfcore.presets import get_preset, with_classes
-from mfcore.training.solver import build_optimizer, clip_gradients
+from mfcore.training.solver import clip_gradients
 
 R50 = "ade20k-maskformer-r50"     # K=150, N=100, 6 decoder layers: the configuration
 SMALL_MODELS = ("perpixel", "perpixelplus", "maskformer-fixed", "maskformer")  # small rows, quick protocol
@@ -164,7 +164,7 @@ def small_step(model_name: str, size: int, batch: int, device: torch.device, com
     model = fast.accelerate(build_model(config).to(device).train())
     criterion = fast.build_criterion(preset.loss.matcher, config.num_classes, config.num_queries,
                                      dec_layers=config.dec_layers).to(device)
-    optimizer = build_optimizer(model, preset.train)
+    optimizer = fast.build_optimizer(model, preset.train)
     forward = torch.compile(model) if compiled else model
     images, targets = make_batch(batch, size, config.num_classes, seed, device)
 

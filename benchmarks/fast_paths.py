@@ -28,13 +28,13 @@ from mfcore.inference import semantic_inference
 from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
-from mfcore.training.solver import build_optimizer, clip_gradients
+from mfcore.training.solver import clip_gradients
 
 SMALL = ("synthetic-perpixel-tiny", "synthetic-perpixelplus-tiny", "synthetic-maskformer-tiny",
          "synthetic-maskformer-fixed-tiny")
 ROWS = {f"{name.removeprefix('synthetic-').removesuffix('-tiny')}-train": name for name in SMALL}
 ROWS |= {"r50-train": R50, "r50-inference": R50}
-PATHS = (*fast.MODEL_PATHS, *fast.CRITERION_PATHS, "semantic_labels")
+PATHS = (*fast.MODEL_PATHS, *fast.CRITERION_PATHS, *fast.OPTIMIZER_PATHS, "semantic_labels")
 
 
 def _variants() -> dict[str, tuple[str, ...] | None]:
@@ -57,9 +57,9 @@ def train_step(preset: str, paths: tuple[str, ...] | None, batch: int, size: int
         fast.accelerate(model, tuple(q for q in paths or () if q in fast.MODEL_PATHS))
         criterion = fast.build_criterion(*criterion_args, **criterion_kwargs,
                                          paths=tuple(q for q in paths or () if q in fast.CRITERION_PATHS))
+        optimizer = fast.build_optimizer(model, p.train, paths=tuple(q for q in paths or () if q in fast.OPTIMIZER_PATHS))
     finally:
         fast.set_enabled(was)
-    optimizer = build_optimizer(model, p.train)
     images, targets = make_batch(batch, size, p.model.num_classes, seed=0)
 
     def phase(name: str):

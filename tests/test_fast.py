@@ -35,6 +35,7 @@ from mfcore.matcher import HungarianMatcher
 from mfcore.modeling.backbones import _resnet, conv_bn_pairs
 from mfcore.modeling.models import MaskProduct, build_model
 from mfcore.presets import get_preset
+from mfcore.training.solver import build_optimizer
 
 PACKAGE = Path(fast.__file__).resolve().parents[1]
 # the layers that build a run's model and criterion, and may use the speed paths
@@ -374,6 +375,36 @@ def test_training_after_a_prediction_at_the_same_sizes(one_thread, switch):
     total_loss(criterion(outputs, [target]), criterion.weight_dict).backward()
     assert pred_masks.grad is not None and pred_masks.grad.abs().sum() > 0
     assert not interpolation_matrix(8, 24, torch.device("cpu")).is_inference()
+
+
+# ------------------------------------------------------------------------------------- optimiser
+def test_fused_adamw_equals_the_plain_update(switch, one_thread):
+    """fast.build_optimizer (torch's fused AdamW) takes the same steps as the core's AdamW in float64 over a few
+    real training steps: the parameter groups (lr multiplier, weight decay) and the moments included. The grads
+    come from autograd, as in training: the fused kernel reads a grad with its parameter's strides (the
+    channels-last conv weights here), which autograd's gradient layout contract guarantees."""
+    switch(True)
+    torch.manual_seed(0)
+    p = get_preset("synthetic-maskformer-tiny")
+    plain = build_model(p.model, num_classes=6, dropout=0.0).double().train()
+    fused = copy.deepcopy(plain)
+    optimizers = [build_optimizer(plain, p.train), fast.build_optimizer(fused, p.train)]
+    assert optimizers[1].defaults["fused"] and not optimizers[0].defaults["fused"]
+    assert len({(g["lr"], g["weight_decay"]) for g in optimizers[0].param_groups}) > 1
+    criterion = build_criterion(p.loss.matcher, 6, p.model.num_queries, dec_layers=p.model.dec_layers)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        images = torch.rand(2, 3, 64, 64, generator=gen, dtype=torch.float64) * 255
+        targets = [{"labels": torch.tensor([0, 3]), "masks": torch.rand(2, 64, 64, generator=gen) > 0.5},
+                   {"labels": torch.tensor([2]), "masks": torch.ones(1, 64, 64, dtype=torch.bool)}]
+        for model, optimizer in zip((plain, fused), optimizers):
+            total_loss(criterion(model(images), targets), criterion.weight_dict).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    for want, got in zip(plain.parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)  # weight decay alone moves ~1e-7 x |w|
+    switch(False)
+    assert not fast.build_optimizer(plain, p.train).defaults["fused"]
 
 
 # ------------------------------------------------------------------------------------- whole steps

@@ -135,3 +135,18 @@ def test_a_cached_rerun_keeps_the_committed_timings_and_the_log_is_quiet(tmp_pat
     assert "    progress 1\n    progress 2\n" in out
     for noise in ("Figure size", "without encryption", "KeyboardInterrupt", "Working directory", "unknown parameter"):
         assert noise not in out + err, noise
+
+
+def test_the_pool_trains_the_notebooks_reference_runs_with_the_tables(tmp_path, monkeypatch):
+    """With runs side by side, the pipeline trains every table's runs and the notebooks' reference runs (the
+    panoptic one of notebooks 05 and 08 included) before the notebooks start, each once."""
+    from mfcore.companion import tables
+
+    pooled = []
+    monkeypatch.setattr(rp, "train_runs", lambda ctx, specs, workers: pooled.extend(s.name for s in specs))
+    folder = _tiny_notebooks(tmp_path / "nbs")
+    rp.reproduce("smoke", results_dir=str(tmp_path / "results"), folder=folder, executed_dir=str(tmp_path / "ex"),
+                 workers=2)
+    ctx = make_context("smoke", str(tmp_path / "results"))
+    expected = {s.name for s in tables.planned_runs(ctx)} | {"synthetic-panoptic-k8-maskformer-s0"}
+    assert len(pooled) == len(set(pooled)) and set(pooled) == expected

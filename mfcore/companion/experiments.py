@@ -67,8 +67,9 @@ def synthetic_root(ctx: Context, num_classes: int, design: str | None = None) ->
                    seed=0, kind="both", design=design, class_freq_exponent=p.class_freq_exponent,
                    hue_noise=p.hue_noise if hue else 40.0, hue_context=p.hue_context if hue else 0)
     # every option is in the folder's name (a digest of them), so a changed scene parameter never reads stale scenes
+    # and profiles with the same scenes (quick, laptop) share one set
     digest = hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:8]
-    return ensure_synthetic(Path(ctx.cache_dir) / f"{p.name}-{design}-k{num_classes}-{digest}", **options)
+    return ensure_synthetic(Path(ctx.cache_dir) / f"{design}-k{num_classes}-{digest}", **options)
 
 
 def pretrained_backbone(ctx: Context) -> str:
@@ -306,6 +307,12 @@ def base_spec(ctx: Context, model: str = "maskformer", panoptic: bool = False) -
         return synthetic_spec(ctx, model, panoptic=panoptic)
     dataset = "coco-panoptic" if panoptic else "ade20k"
     return paper_spec(ctx, f"{dataset}-{model}-r50")
+
+
+def notebook_runs(ctx: Context) -> list[RunSpec]:
+    """The reference runs notebooks 04, 05, 07 and 08 look at (semantic and panoptic `base_spec`): the batch
+    pipeline trains them side by side with the tables' runs instead of one after the other in a notebook."""
+    return [base_spec(ctx, "maskformer"), base_spec(ctx, "maskformer", panoptic=True)]
 
 
 def run_checkpoint(ctx: Context, spec: RunSpec) -> Path:

@@ -24,7 +24,7 @@ import threading
 import time
 from pathlib import Path
 
-from mfcore.companion.experiments import check_requirements, make_context, train_runs
+from mfcore.companion.experiments import check_requirements, make_context, notebook_runs, train_runs
 from mfcore.files import REPO, git_commit, write_json
 
 NOTEBOOKS = REPO / "notebooks"
@@ -181,8 +181,9 @@ def reproduce(profile: str = "quick", results_dir: str = "", data_root: str | No
     if workers > 1 and not only:
         from mfcore.companion.tables import planned_runs
 
-        print(f"[0/{len(todo)}] training every table's runs, {workers} side by side", flush=True)
-        train_runs(ctx, planned_runs(ctx), workers)
+        print(f"[0/{len(todo)}] training every table's and notebook's runs, {workers} side by side", flush=True)
+        specs = {s.name: s for s in planned_runs(ctx) + notebook_runs(ctx)}
+        train_runs(ctx, list(specs.values()), workers)
         trained = round(time.perf_counter() - start, 1)
     for i, nb in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {nb.name} (profile {profile})", flush=True)

@@ -12,6 +12,9 @@ while the switch is off:
     build_criterion(...)       `mfcore.losses.build_criterion`, with the fused focal + dice (`mask_loss`),
                                the matching of all layers in one in-place batch (`matcher_costs`) and the
                                per-pixel CE of all layers in one pass (`perpixel_loss`)
+    build_optimizer(model, cfg)
+                               `mfcore.training.solver.build_optimizer` with torch's fused AdamW kernel: one
+                               pass over each parameter group instead of a dozen tensor-list operations
     semantic_labels.semantic_labels(...)
                                the label map of semantic inference in tiles; callers check `enabled()`
                                and use `mfcore.inference` otherwise
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 from torch import nn
 from torchvision.ops import FrozenBatchNorm2d
 
@@ -36,6 +40,7 @@ from mfcore.matcher import HungarianMatcher
 from mfcore.modeling.backbones import ResNetBackbone, conv_bn_pairs
 from mfcore.modeling.models import MaskProduct
 from mfcore.modeling.transformer import DecoderLayer, EncoderLayer
+from mfcore.training import solver
 
 _enabled = os.environ.get("MFCORE_FAST", "1") != "0"
 
@@ -121,3 +126,13 @@ def build_criterion(*args, paths: tuple[str, ...] = tuple(CRITERION_PATHS), **kw
         for name in paths:
             CRITERION_PATHS[name](criterion)
     return criterion
+
+
+OPTIMIZER_PATHS = ("fused_adamw",)
+
+
+def build_optimizer(model: nn.Module, cfg, paths: tuple[str, ...] = OPTIMIZER_PATHS) -> torch.optim.AdamW:
+    """`mfcore.training.solver.build_optimizer(model, cfg)`; while enabled and "fused_adamw" is in `paths`, with
+    torch's fused AdamW (the same update, one kernel per group) where every parameter is on the CPU or CUDA."""
+    fused = _enabled and "fused_adamw" in paths and all(p.device.type in ("cpu", "cuda") for p in model.parameters())
+    return solver.build_optimizer(model, cfg, fused=fused)

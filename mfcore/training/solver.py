@@ -66,10 +66,11 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, backbone_lr_m
     return [groups[k] for k in sorted(groups)]  # fixed order, so optimizer state dicts line up on resume
 
 
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups` with the config's lr, weight decay and backbone multiplier."""
+def build_optimizer(model: nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW over `param_groups` with the config's lr, weight decay and backbone multiplier (fused: torch's
+    single-kernel implementation of the same update, chosen by `mfcore.fast.build_optimizer`)."""
     return torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_mult), lr=cfg.lr,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 def lr_factor(step: int, max_iters: int, schedule: str = "poly", power: float = 0.9,

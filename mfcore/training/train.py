@@ -61,7 +61,7 @@ from mfcore.training.runtime import (
     seed_everything,
     set_tf32,
 )
-from mfcore.training.solver import build_optimizer, build_scheduler, clip_gradients
+from mfcore.training.solver import build_scheduler, clip_gradients
 
 # fields that do not change the result: a run may be resumed with other values (TrainConfig's, and
 # ModelConfig.grad_checkpointing: switched on after an out-of-memory, the same gradients); tf32 changes only
@@ -278,7 +278,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
                                 cost_dice=loss_cfg.cost_dice, eos_coef=loss_cfg.eos_coef,
                                 num_points=loss_cfg.num_points, deep_supervision=loss_cfg.deep_supervision,
                                 dec_layers=model_cfg.dec_layers, ignore_index=train_set.ignore_label).to(device)
-    optimizer = build_optimizer(model, cfg)
+    optimizer = fast.build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg)
     scaler = torch.amp.GradScaler(device.type, enabled=cfg.amp == "fp16")
     start, last_saved = 0, None
