@@ -132,7 +132,7 @@ def run(ctx: Context, spec: RunSpec, on_log: Callable[[list[dict]], None] | None
     start = time.perf_counter()
     print(f"run {spec.name}: {'resuming' if resume else 'training'} {spec.preset}", flush=True)
     if ctx.nproc_per_node > 1:
-        result = _run_torchrun(ctx, spec, out, resume)
+        result = _run_torchrun(ctx, spec)
     else:
         from mfcore.training.train import train
 
@@ -154,24 +154,17 @@ def cached_seconds(result: dict) -> float:
     return result["seconds"] if result.get("cached", True) else 0.0
 
 
-def _run_torchrun(ctx: Context, spec: RunSpec, out: Path, resume: bool) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ctx.nproc_per_node}", "-m", "mfcore",
-           "train", "--preset", spec.preset, "--output", str(out), "--progress", ctx.progress, "--device", ctx.device]
-    if spec.data_root:
-        cmd += ["--data-root", spec.data_root]
-    for key, value in spec.train.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    for key, value in spec.model.items():
-        cmd += ["--set", f"{key}={json.dumps(value)}"]
-    if resume:
-        cmd.append("--resume")
+def _run_torchrun(ctx: Context, spec: RunSpec) -> dict:
+    """Train `spec` through torchrun (`train_command`, which resumes a run it finds), then read its evaluation."""
+    cmd = train_command(ctx, spec, progress=ctx.progress)
     print("launching:", shlex.join(cmd), flush=True)
     subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = ctx.runs_dir / spec.name
     evaluated = json.loads((out / "eval_val.json").read_text())
     return {"metrics": evaluated["metrics"], "iteration": evaluated["iteration"], "config": evaluated["config"]}
 
 
-def train_command(ctx: Context, spec: RunSpec) -> list[str]:
+def train_command(ctx: Context, spec: RunSpec, progress: str = "log") -> list[str]:
     """The command that trains `spec` into its run folder on its own, e.g. as one task of a cluster job array
     (`tables --print-commands`): `python -m mfcore train` (through torchrun when nproc_per_node > 1) with every
     override of the spec as a typed `--set`, and `--resume auto`, so that a requeued task continues. A later
@@ -179,7 +172,7 @@ def train_command(ctx: Context, spec: RunSpec) -> list[str]:
     launcher = [sys.executable] + (["-m", "torch.distributed.run", f"--nproc_per_node={ctx.nproc_per_node}"]
                                    if ctx.nproc_per_node > 1 else [])
     cmd = [*launcher, "-m", "mfcore", "train", "--preset", spec.preset, "--output", str(ctx.runs_dir / spec.name),
-           "--device", str(ctx.device), "--progress", "log", "--resume", "auto"]
+           "--device", str(ctx.device), "--progress", progress, "--resume", "auto"]
     if spec.data_root:
         cmd += ["--data-root", spec.data_root]
     for section, fields in (("train", spec.train), ("model", spec.model)):
