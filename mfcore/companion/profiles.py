@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from mfcore.training.pretrain import PretrainConfig
 
 # Iterations per run, the same for every model of a profile. quick is sized by measurement to fit 25 minutes on
-# 2 cores with set-up: its 8 runs (Tables 2 and 4, the notebooks' panoptic run) cost 2.8 s of one core per
-# iteration in all (results/reproduce_quick.json of the 1000-iteration protocol: 29.6 min of runs two side by
-# side); with make venv (2 min), pretraining (2 min), the notebooks (1.5 min) and a 10% margin, 750 fit. laptop
-# trains 1000, closer to the plateau (the curves in results/laptop/figures), for three seeds.
+# 2 cores with set-up: at 1000 iterations its 8 runs (Tables 2 and 4, the notebooks' panoptic run) took 24.8 min
+# for pretraining and 7 runs two side by side plus 4.4 min for the panoptic run alone (32.7 min in all with
+# make venv): about 2.8 s of one core per iteration in all. With make venv (2 min), pretraining (2 min), the
+# notebooks (1.5 min) and a 10% margin, 750 fit. laptop trains 1000, closer to the plateau (the curves in
+# results/laptop/figures), for three seeds.
 QUICK_ITERS = 750
 LAPTOP_ITERS = 1000
 
