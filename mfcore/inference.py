@@ -73,7 +73,7 @@ def semantic_inference(pred_logits: Tensor, pred_masks: Tensor, inplace: bool = 
     return torch.matmul(pixels, probs).unflatten(-2, (height, width)).movedim(-1, -3)
 
 
-def _confident_queries(pred_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def confident_queries(pred_logits: Tensor, object_mask_threshold: float) -> tuple[Tensor, Tensor, Tensor]:
     """p_i(c_i) [N], c_i [N] (K = "no object") and which queries pass the class rules of general and
     instance inference: c_i is a real class and p_i(c_i) > object_mask_threshold."""
     scores, labels = pred_logits.softmax(dim=-1).max(dim=-1)
@@ -109,7 +109,7 @@ def panoptic_queries(
     """
     _check_pairs(pred_logits, pred_masks)
     num_classes = pred_logits.shape[1] - 1
-    scores, labels, confident = _confident_queries(pred_logits, object_mask_threshold)
+    scores, labels, confident = confident_queries(pred_logits, object_mask_threshold)
     candidates = confident.nonzero().flatten()
     probs = pred_masks[candidates].sigmoid()
     winner, won, area = None, torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
@@ -197,7 +197,7 @@ def detr_panoptic_inference(
     query passes the threshold.
     """
     _check_pairs(pred_logits, pred_masks)
-    scores, labels, keep = _confident_queries(pred_logits, score_threshold)
+    scores, labels, keep = confident_queries(pred_logits, score_threshold)
     queries = keep.nonzero().flatten()
     thing_ids = {int(t) for t in thing_ids}
     merge_stuff = True
@@ -259,7 +259,7 @@ def instance_inference(
         {"masks": [M, H, W] bool, "labels": [M] int64 (contiguous), "scores": [M] float}.
     """
     _check_pairs(pred_logits, pred_masks)
-    scores, labels, keep = _confident_queries(pred_logits, object_mask_threshold)
+    scores, labels, keep = confident_queries(pred_logits, object_mask_threshold)
     probs = pred_masks[keep].sigmoid()  # [M, H, W]
     masks = probs >= mask_threshold
     area = masks.flatten(1).sum(dim=1)

@@ -36,6 +36,7 @@ def test_ground_truth_as_prediction_scores_100():
     diag.update(logits, mask_logits, labels, masks, sem_seg)
     out = diag.compute()
     assert out["matched_segments"] == 3
+    assert out["confident_per_image"] == 3 and out["images_with_confident"] == 100.0  # the spare ones say no-object
     for key in ("class_acc", "mask_iou", "mIoU", "pixel_acc", "oracle_class_mIoU", "oracle_mask_mIoU"):
         assert out[key] == pytest.approx(100.0), key
 
@@ -50,6 +51,22 @@ def test_wrong_classes_are_fixed_by_the_class_oracle_only():
     out = diag.compute()
     assert out["class_acc"] == 0.0 and out["mask_iou"] == pytest.approx(100.0)
     assert out["mIoU"] == 0.0 and out["oracle_class_mIoU"] == pytest.approx(100.0) and out["oracle_mask_mIoU"] == 0.0
+
+
+def test_confident_queries_are_those_panoptic_inference_keeps():
+    """A query counts when its top class is real and above the object-mask threshold (0.8): one sure query,
+    one at 0.6 and one sure of no-object give one confident query; the second image has none."""
+    labels, masks, sem_seg = _ground_truth()
+    logits = torch.full((3, 4), -10.0)
+    logits[0, 0] = 10.0                                   # sure of class 0
+    logits[1, 1], logits[1, 2] = 0.0, -0.405              # p(class 1) ~ 0.6
+    logits[2, 3] = 10.0                                   # sure of no-object
+    diag = MatchingDiagnostic(3, 255, HungarianMatcher())
+    diag.update(logits, torch.where(masks, 10.0, -10.0), labels, masks, sem_seg)
+    logits[0, 1] = 10.0                                   # the second image: query 0 torn between two classes
+    diag.update(logits, torch.where(masks, 10.0, -10.0), labels, masks, sem_seg)
+    out = diag.compute()
+    assert out["confident_per_image"] == 0.5 and out["images_with_confident"] == 50.0
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,10 @@ and three dataset-level mIoUs from semantic inference: as predicted, with oracle
 get their segment's class, prob 1) and with oracle masks (matched queries get their segment's mask). A
 large gap to the oracle-class mIoU says the classes are the bottleneck; to the oracle-mask mIoU, the
 masks. Per-pixel models have no queries: only their mIoU and pixel accuracy are reported.
+
+Over all queries it also counts the confident ones, those panoptic inference keeps (a real class with
+p_i(c_i) > the object-mask threshold, 0.8 on COCO; section 3.4): a panoptic PQ of 0 with no confident
+query says the classes never became sure enough, not that the masks are wrong.
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from mfcore.config import TrainConfig
-from mfcore.inference import predict_semantic, resize_shortest_edge, semantic_inference
+from mfcore.inference import confident_queries, predict_semantic, resize_shortest_edge, semantic_inference
 from mfcore.matcher import HungarianMatcher
 from mfcore.metrics import SemSegEvaluator
 from mfcore.training.checkpoint import configs_from_checkpoint, load_trained_model
@@ -33,8 +37,11 @@ _SURE = 50.0  # a logit that sigmoid / softmax read as certain
 class MatchingDiagnostic:
     """Accumulates the diagnostic over images; `compute()` gives the numbers in percent."""
 
-    def __init__(self, num_classes: int, ignore_label: int, matcher: HungarianMatcher) -> None:
+    def __init__(self, num_classes: int, ignore_label: int, matcher: HungarianMatcher,
+                 object_mask_threshold: float = 0.8) -> None:
         self.matcher = matcher
+        self.object_mask_threshold = object_mask_threshold
+        self.confident = self.images_with_confident = self.images = 0
         self.semantic = {name: SemSegEvaluator(num_classes, ignore_label)
                          for name in ("predicted", "oracle_class", "oracle_mask")}
         self.correct = self.matched = 0
@@ -54,6 +61,10 @@ class MatchingDiagnostic:
         union = (binary | gt_masks).flatten(1).sum(1)
         self.iou_sum += float((inter / union.clamp(min=1)).sum())
         self.matched += len(query)
+        confident = int(confident_queries(pred_logits, self.object_mask_threshold)[2].sum())
+        self.confident += confident
+        self.images_with_confident += confident > 0
+        self.images += 1
 
         oracle_logits = pred_logits.clone()
         oracle_logits[query] = -_SURE
@@ -66,14 +77,17 @@ class MatchingDiagnostic:
 
     def compute(self) -> dict:
         """{"class_acc", "mask_iou", "mIoU", "pixel_acc", "oracle_class_mIoU", "oracle_mask_mIoU",
-        "matched_segments"}; percentages (nan when nothing was matched)."""
+        "matched_segments", "confident_per_image", "images_with_confident"}; percentages (nan when nothing was
+        matched), but confident_per_image: the mean number of confident queries per image."""
         scores = {name: ev.compute() for name, ev in self.semantic.items()}
         nan = float("nan")
         return {"class_acc": 100.0 * self.correct / self.matched if self.matched else nan,
                 "mask_iou": 100.0 * self.iou_sum / self.matched if self.matched else nan,
                 "mIoU": scores["predicted"]["mIoU"], "pixel_acc": scores["predicted"]["pixel_acc"],
                 "oracle_class_mIoU": scores["oracle_class"]["mIoU"],
-                "oracle_mask_mIoU": scores["oracle_mask"]["mIoU"], "matched_segments": self.matched}
+                "oracle_mask_mIoU": scores["oracle_mask"]["mIoU"], "matched_segments": self.matched,
+                "confident_per_image": self.confident / self.images if self.images else nan,
+                "images_with_confident": 100.0 * self.images_with_confident / self.images if self.images else nan}
 
 
 def matching_diagnostic(model: nn.Module, dataset: Any, cfg: TrainConfig, matcher: HungarianMatcher | None = None,

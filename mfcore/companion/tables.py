@@ -333,9 +333,28 @@ def table5(ctx: Context) -> Table:
              _claim(mask["PQ ours"] > box["PQ ours"] > 0,
                     f"PQ mask {mask['PQ ours']:.1f} vs box {box['PQ ours']:.1f}; PQ^St mask {mask['PQ^St ours']:.1f} "
                     f"vs box {box['PQ^St ours']:.1f}")]
+    if ctx.profile.synthetic:
+        notes.append(_confidence_note(ctx, _runs_table5(ctx)))
     return Table("table5", "Table 5: matching with boxes vs masks (panoptic)", frame,
                  provenance(ctx, start, seconds, ("synthetic panoptic, " if ctx.profile.synthetic else "") + _setting(ctx, "COCO")),
                  notes)
+
+
+def _confidence_note(ctx: Context, groups: dict) -> str:
+    """Why a panoptic PQ is what it is, measured: per matching, the val images' mean number of queries that
+    panoptic inference keeps (a real class above 0.8) and the share of images with any (`diagnostics`; the
+    median over seeds). A PQ of 0 with no confident query is a model whose classes never became sure."""
+    from mfcore.companion.diagnostics import diagnose_checkpoint
+
+    parts = []
+    for model, specs in groups.items():
+        diag = [diagnose_checkpoint(ctx.runs_dir / s.name / "last.pt", s.data_root, device=ctx.device,
+                                    max_images=ctx.profile.eval_images) for s in specs]
+        per_image = pd.Series([d["confident_per_image"] for d in diag]).median()
+        share = pd.Series([d["images_with_confident"] for d in diag]).median()
+        parts.append(f"{'box' if 'box' in model else 'mask'} matching {per_image:.2f} per image, {share:.0f}% of "
+                     f"images with one (matched class accuracy {pd.Series([d['class_acc'] for d in diag]).median():.1f}%)")
+    return "Queries panoptic inference keeps (a real class above 0.8), median over seeds: " + "; ".join(parts) + "."
 
 
 def model_size_table(ctx: Context, name: str, presets: dict, title: str, score_columns) -> Table:
