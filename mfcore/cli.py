@@ -264,7 +264,8 @@ def _reproduce(args: argparse.Namespace) -> None:
 
 def _tables(args: argparse.Namespace) -> None:
     from mfcore.companion.experiments import check_requirements, make_context, train_runs
-    from mfcore.companion.tables import TABLES, planned_runs, write_table
+    from mfcore.companion.table import write_table
+    from mfcore.companion.tables import TABLES, planned_runs
 
     overrides = {"seeds": tuple(args.seeds) if args.seeds else None, "iters": args.iters,
                  "class_counts": tuple(args.class_counts) if args.class_counts else None}

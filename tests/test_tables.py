@@ -6,6 +6,7 @@ import pytest
 from mfcore.cli import main
 from mfcore.companion.experiments import make_context
 from mfcore.companion import tables
+from mfcore.companion.table import write_table
 from mfcore.companion.tables import RUNS, planned_runs
 
 
@@ -99,7 +100,7 @@ def test_a_profile_trains_only_its_tables_and_says_so(smoke):
     assert {s.name for s in planned_runs(only)} == {s.name for s in planned_runs(smoke, ["table2"])}
     skipped = tables.table5(only)
     assert skipped.frame.empty and "does not train" in skipped.notes[0]
-    assert tables.write_table(skipped, only.results_dir) == []
+    assert write_table(skipped, only.results_dir) == []
 
 
 def test_table2_verdict_reads_the_gap_at_the_smallest_and_largest_k():

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mfcore.companion.experiments import Context, make_context
-from mfcore.companion.tables import Table, write_table
+from mfcore.companion.table import Table, write_table
 
 
 def setup(profile: str, results_dir: str, data_root: str, device: str, progress: str, nproc_per_node: int,

@@ -7,78 +7,16 @@ datasets: read the *trends* (the gaps between models), not the absolute values.
 """
 from __future__ import annotations
 
-import datetime as dt
-import functools
-import io
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import pandas as pd
 
 from mfcore.companion import paper_numbers as paper
-from mfcore.companion.experiments import (
-    Context,
-    RunSpec,
-    paper_spec,
-    run_seeds,
-    synthetic_spec,
-)
-from mfcore.files import git_commit, write_text
-
-
-@dataclass
-class Table:
-    name: str                     # file stem under results/tables
-    title: str
-    frame: pd.DataFrame
-    provenance: str
-    notes: list[str] = field(default_factory=list)
-
-    def markdown(self) -> str:
-        body = self.frame.to_markdown(index=False, floatfmt=".1f") if not self.frame.empty else "(no rows)"
-        notes = "".join(f"\n- {n}" for n in self.notes)
-        return f"### {self.title}\n\n{body}\n\n_Provenance: {self.provenance}_\n{notes}\n"
-
-
-def write_table(table: Table, results_dir: str | Path) -> list[Path]:
-    """Write `<results_dir>/tables/<name>.csv` and `.md` atomically (never a half-written table); a table
-    this profile does not train (no rows) writes nothing."""
-    if table.frame.empty:
-        return []
-    folder = Path(results_dir) / "tables"
-    buf = io.StringIO()
-    table.frame.to_csv(buf, index=False)
-    buf.write(f"# provenance: {table.provenance}\n")
-    paths = [folder / f"{table.name}.csv", folder / f"{table.name}.md"]
-    for path, text in zip(paths, (buf.getvalue(), table.markdown())):
-        write_text(path, text)
-    return paths
-
-
-def trained(name: str, title: str) -> Callable[[Callable[[Context], Table]], Callable[[Context], Table]]:
-    """A trained table: run only where the profile trains it (`Profile.tables`); elsewhere an empty table that
-    says which profiles do."""
-    def wrap(make: Callable[[Context], Table]) -> Callable[[Context], Table]:
-        @functools.wraps(make)
-        def table(ctx: Context) -> Table:
-            if ctx.profile.runs_table(name):
-                return make(ctx)
-            return Table(name, title, pd.DataFrame(), f"not run in profile {ctx.profile.name}",
-                         [f"Profile {ctx.profile.name} does not train this table (its budget goes to Tables 2 and 4); "
-                          f"the laptop profile runs it: results/laptop/tables/{name}.md"])
-        return table
-    return wrap
-
-
-def provenance(ctx: Context, start: float, runs_seconds: float, extra: str = "") -> str:
-    """The provenance line. Its time is this table's own clock since `start` (which holds the runs it trained)
-    plus `runs_seconds`, the stored times of the runs it found finished (`cached_seconds`): each run once. Runs
-    trained side by side overlap, so the sum can exceed the wall time of the batch run (reproduce_<profile>.json)."""
-    wall = time.perf_counter() - start + runs_seconds
-    return (f"{ctx.profile.describe()}{'; ' + extra if extra else ''}; git {git_commit()[:12]}; "
-            f"{dt.date.today().isoformat()}; {wall / 60:.1f} min of training + evaluation (its runs' times summed)")
+from mfcore.companion.experiments import Context, RunSpec, paper_spec, run_seeds, synthetic_spec
+from mfcore.companion.model_size_tables import runs_model_size, table1, table3
+from mfcore.companion.table import Table, provenance, trained
 
 
 def _specs(ctx: Context, model: str, k: int | None = None, dataset: str | None = None, panoptic: bool = False,
@@ -179,12 +117,6 @@ def _runs_table8(ctx: Context) -> dict:
 def _runs_table5(ctx: Context) -> dict:
     return {m: _specs(ctx, m, ctx.profile.base_classes, "coco-panoptic", panoptic=True)
             for m in ("maskformer-boxmatch", "maskformer")}
-
-
-def _runs_model_size(presets: dict) -> Callable[[Context], dict]:
-    def runs(ctx: Context) -> dict:
-        return {p: [paper_spec(ctx, p, s) for s in ctx.profile.seeds] for p in presets} if not ctx.profile.synthetic else {}
-    return runs
 
 
 def planned_runs(ctx: Context, names: list[str] | None = None) -> list[RunSpec]:
@@ -357,75 +289,6 @@ def _confidence_note(ctx: Context, groups: dict) -> str:
     return "Queries panoptic inference keeps (a real class above 0.8), median over seeds: " + "; ".join(parts) + "."
 
 
-def model_size_table(ctx: Context, name: str, presets: dict, title: str, score_columns) -> Table:
-    """Tables 1 and 3: params and FLOPs of every paper model counted at full size (mfcore.companion.analysis), beside
-    the paper's; quality columns from paper-profile runs (real data) or marked as not run."""
-    from mfcore.companion.analysis import analyze
-
-    start, rows, seconds = time.perf_counter(), [], 0.0
-    for preset, ref in presets.items():
-        size = (ref["size"], ref["size"]) if "size" in ref else None
-        a = analyze(preset, size=size)
-        row = {"model": preset, "params paper (M)": ref["params"], "params ours (M)": a["params"] / 1e6,
-               "FLOPs paper (G)": ref["flops"], "FLOPs ours (G)": a["flops"] / 1e9,
-               "FLOPs size": f"{a['size'][0]}x{a['size'][1]}"}
-        scores = None
-        if not ctx.profile.synthetic:
-            result = run_seeds(ctx, _runs_model_size(presets)(ctx)[preset])
-            seconds += result["cached_seconds"]
-            scores = result
-        row.update(score_columns(ref, scores))
-        rows.append(row)
-    frame = pd.DataFrame(rows)
-    frame.insert(3, "params delta (%)", 100 * (frame["params ours (M)"] / frame["params paper (M)"] - 1))
-    frame.insert(6, "FLOPs delta (%)", 100 * (frame["FLOPs ours (G)"] / frame["FLOPs paper (G)"] - 1))
-    notes = ["Params and FLOPs are computed at full size (one multiply-add = one flop, eval mode, zero image, "
-             "semantic inference included); the paper rounds params to 1M."]
-    if ctx.profile.synthetic:
-        notes.append("Quality columns need the real dataset and a GPU cluster: run the pipeline with PROFILE=paper.")
-    return Table(name, title, frame, provenance(ctx, start, seconds, "params/FLOPs at full size"), notes)
-
-
-def table1(ctx: Context) -> Table:
-    def scores(ref, result):
-        ours = result["semantic"]["mIoU"] if result else float("nan")
-        return {"mIoU (s.s.) paper": ref["ss"], "mIoU (s.s.) ours": ours, "mIoU (m.s.) paper": ref["ms"]}
-    return model_size_table(ctx, "table1", paper.TABLE1, "Table 1: MaskFormer on ADE20K val", scores)
-
-
-def table3(ctx: Context) -> Table:
-    def scores(ref, result):
-        ours = result["panoptic"]["PQ"] if result else float("nan")
-        return {"PQ paper": ref["pq"][0], "PQ ours": ours, "PQ^Th paper": ref["pq"][1], "PQ^St paper": ref["pq"][2]}
-    table = model_size_table(ctx, "table3", paper.TABLE3, "Table 3: MaskFormer on COCO panoptic val", scores)
-    table.frame = pd.concat([table.frame, _detr_postprocessing_rows(ctx, table.frame)], ignore_index=True)
-    return table
-
-
-def _detr_postprocessing_rows(ctx: Context, frame: pd.DataFrame) -> pd.DataFrame:
-    """Table 3's "MaskFormer (DETR post-processing)" row: the same model and runs as its MaskFormer row, read
-    out with DETR's panoptic post-processing (`evaluate(..., inference="detr")`; paper profile only)."""
-    from mfcore.training.evaluate import evaluate
-
-    rows = []
-    for preset, pq in paper.TABLE3_DETR.items():
-        ours = float("nan")
-        if not ctx.profile.synthetic:
-            values = []
-            for spec in _runs_model_size(paper.TABLE3)(ctx)[preset]:  # trained by the MaskFormer row
-                out = ctx.runs_dir / spec.name / "eval_val_detr.json"
-                if not out.is_file():
-                    evaluate(ctx.runs_dir / spec.name / "last.pt", spec.data_root, output=out, device=ctx.device,
-                             inference="detr", max_images=ctx.profile.eval_images)
-                values.append(pd.read_json(out, typ="series")["metrics"]["panoptic"]["PQ"])
-            ours = float(pd.Series(values).median())
-        row = frame.loc[frame["model"] == preset].iloc[0].to_dict()
-        row.update({"model": f"{preset} (DETR post-processing)", "PQ paper": pq[0], "PQ ours": ours,
-                    "PQ^Th paper": pq[1], "PQ^St paper": pq[2]})
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 @trained("table7", "Table VII: semantic vs general inference (mIoU / PQ^St / SQ^St / RQ^St)")
 def table7(ctx: Context) -> Table:
     """Table VII: one MaskFormer read out with semantic vs general inference, beside PerPixelBaseline+."""
@@ -504,7 +367,7 @@ def table_boundary(ctx: Context) -> Table:
 
 # the runs behind each table (table7 reads the checkpoints of table4's runs)
 RUNS: dict[str, Callable[[Context], dict]] = {
-    "table1": _runs_model_size(paper.TABLE1), "table2": _runs_table2, "table3": _runs_model_size(paper.TABLE3),
+    "table1": runs_model_size(paper.TABLE1), "table2": _runs_table2, "table3": runs_model_size(paper.TABLE3),
     "table4": _runs_table4, "table5": _runs_table5, "table7": _runs_table4, "table8": _runs_table8,
     "table_queries": _runs_queries, "table_boundary": _runs_boundary}
 TABLES: dict[str, Callable[[Context], Table]] = {
