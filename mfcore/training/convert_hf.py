@@ -259,8 +259,8 @@ def model_config_from_hf(hf_config: dict, base_preset: str, preprocessor: dict |
                   self_attention=True)
     if preprocessor and "image_mean" in preprocessor:
         scale = preprocessor.get("rescale_factor", 1 / 255) if preprocessor.get("do_rescale", True) else 1.0
-        fields["pixel_mean"] = tuple(m / scale for m in preprocessor["image_mean"])
-        fields["pixel_std"] = tuple(s / scale for s in preprocessor["image_std"])
+        fields["pixel_mean"] = tuple(round(m / scale, 6) for m in preprocessor["image_mean"])  # to 0..255
+        fields["pixel_std"] = tuple(round(s / scale, 6) for s in preprocessor["image_std"])
     return override(base, **fields)
 
 
