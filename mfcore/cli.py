@@ -178,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="turn the speed paths off (mfcore.fast; the same results to float rounding)")
     p.set_defaults(func=_predict)
 
-    p = sub.add_parser("convert-checkpoint", help="import the authors' released detectron2 .pkl")
-    p.add_argument("pkl", help="released model_final.pkl")
+    p = sub.add_parser("convert-checkpoint", help="import the authors' released detectron2 .pkl or a Hugging Face "
+                                               "MaskFormer snapshot folder")
+    p.add_argument("pkl", help="released model_final.pkl, or a Hugging Face snapshot folder (config.json + "
+                   "model.safetensors or pytorch_model.bin) of transformers' MaskFormerForInstanceSegmentation")
     p.add_argument("out", help="mfcore checkpoint to write (.pt)")
     p.add_argument("--preset", required=True, help="the preset the file was trained as, e.g. ade20k-maskformer-r50")
     p.add_argument("--allow-pickle", action="store_true",

@@ -21,7 +21,8 @@ module names mirror the released ones, so the conversion is a list of renames (t
 
 Unpickling can run arbitrary code hidden in the file, so it happens only with `allow_pickle=True`
 (`--allow-pickle` on the command line), and even then through an unpickler that only rebuilds numpy
-arrays and plain containers.
+arrays and plain containers. A folder instead of a file is a Hugging Face snapshot of transformers'
+MaskFormer, read without unpickling by `mfcore.training.convert_hf`.
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from mfcore.config import ModelConfig
 from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
 from mfcore.training.checkpoint import config_dict, save_checkpoint, state_dict_mismatch
@@ -150,16 +152,34 @@ def rename_released(weights: dict[str, Tensor], backbone: torch.nn.Module,
 def convert_checkpoint(pkl: str | Path, output: str | Path, preset: str, allow_pickle: bool = False) -> dict:
     """Convert a released .pkl for `preset` into an mfcore checkpoint at `output` (loadable by `evaluate`).
 
+    `pkl` may also be a Hugging Face snapshot folder of transformers' MaskFormer (config.json and
+    model.safetensors or pytorch_model.bin), converted by `mfcore.training.convert_hf` without unpickling.
     Raises ValueError if a weight of the model is missing or has another shape (listing them); released
     names that map to nothing are reported in the returned summary and dropped.
     Returns {"output", "converted", "skipped", "unexpected"}.
     """
+    if Path(pkl).is_dir():
+        from mfcore.training.convert_hf import convert_hf_folder
+
+        return convert_hf_folder(pkl, output, preset)
     weights = read_released(pkl, allow_pickle)
     cfg = get_preset(preset)
     with torch.device("meta"):  # only names and shapes are needed to check the mapping
         model = build_model(cfg.model)
     state, unknown = rename_released(weights, model.backbone, cfg.model.backbone)
-    expected = model.state_dict()
+    summary = save_converted(state, unknown, model.state_dict(), pkl, output, preset, cfg.model)
+    return {**summary, "skipped": [k for k in weights if k in SKIPPED]}
+
+
+def save_converted(state: dict[str, Tensor], unknown: list[str], expected: dict[str, Tensor], source: str | Path,
+                   output: str | Path, preset: str, model_cfg: ModelConfig) -> dict:
+    """Check renamed weights `state` against the model's state dict `expected` and save them as an mfcore
+    checkpoint of `preset` with model config `model_cfg`. `unknown`: source names no rule covers.
+
+    Raises ValueError listing what is missing or has another shape (nothing is written then).
+    Returns {"output", "converted", "unexpected"}.
+    """
+    cfg = get_preset(preset)
     unexpected = sorted(unknown + [k for k in state if k not in expected])
     state = {k: v for k, v in state.items() if k in expected}
     for k in expected:
@@ -169,13 +189,12 @@ def convert_checkpoint(pkl: str | Path, output: str | Path, preset: str, allow_p
             state[k] = torch.zeros((), dtype=torch.int64)
     problems = state_dict_mismatch(expected, state)
     if problems:
-        raise ValueError(f"{pkl} does not fit preset {preset!r}: " + "; ".join(problems)
+        raise ValueError(f"{source} does not fit preset {preset!r}: " + "; ".join(problems)
                          + (f"; released names left unused: {unexpected[:12]}" if unexpected else ""))
-    save_checkpoint(output, {"model": state, "iteration": 0, "config": config_dict(preset, cfg.model, cfg.loss,
+    save_checkpoint(output, {"model": state, "iteration": 0, "config": config_dict(preset, model_cfg, cfg.loss,
                                                                                     cfg.train),
-                             "source": str(pkl)})
-    return {"output": str(output), "converted": len(state),
-            "skipped": [k for k in weights if k in SKIPPED], "unexpected": unexpected}
+                             "source": str(source)})
+    return {"output": str(output), "converted": len(state), "unexpected": unexpected}
 
 
-__all__ = ["read_released", "rename_released", "convert_checkpoint", "SKIPPED"]
+__all__ = ["read_released", "rename_released", "convert_checkpoint", "save_converted", "SKIPPED"]
