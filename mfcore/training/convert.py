@@ -110,7 +110,8 @@ def read_released(path: str | Path, allow_pickle: bool = False) -> dict[str, Ten
     return {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}  # np.array: a writable copy
 
 
-def _apply(rules: list, name: str) -> str | None:
+def apply_rules(rules: list, name: str) -> str | None:
+    """`name` rewritten by the first (pattern, replacement) of `rules` that matches it; None if none does."""
     for pattern, repl in rules:
         new, n = re.subn(pattern, repl, name)
         if n:
@@ -128,7 +129,7 @@ def rename_released(weights: dict[str, Tensor], backbone: torch.nn.Module,
         if name.startswith("backbone."):
             backbone_part[name.removeprefix("backbone.")] = value
             continue
-        new = _apply(HEAD_RULES, name)
+        new = apply_rules(HEAD_RULES, name)
         if new is None:
             unknown.append(name)
         else:
@@ -141,7 +142,7 @@ def rename_released(weights: dict[str, Tensor], backbone: torch.nn.Module,
     else:
         rules = RESNET_RULES + (DEEP_STEM_RULES if backbone_name == "r101c" else PLAIN_STEM_RULES)
         for name, value in backbone_part.items():
-            new = _apply(rules, name)
+            new = apply_rules(rules, name)
             if new is None:
                 unknown.append(f"backbone.{name}")
             else:

@@ -51,7 +51,7 @@ from mfcore.config import ModelConfig, override
 from mfcore.modeling.backbones import SWIN_SPECS
 from mfcore.modeling.models import build_model
 from mfcore.presets import get_preset
-from mfcore.training.convert import save_converted
+from mfcore.training.convert import apply_rules, save_converted
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")  # read in this order
 ENCODER = "model.pixel_level_module.encoder."
@@ -132,14 +132,6 @@ SWIN_DEFAULTS = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24]
 RESNET_DEPTHS = {(3, 4, 6, 3): "r50", (3, 4, 23, 3): "r101"}
 
 
-def _rename(rules: list, name: str) -> str | None:
-    for pattern, repl in rules:
-        new, n = re.subn(pattern, repl, name)
-        if n:
-            return new
-    return None
-
-
 def _qkv_part(rules: list, name: str) -> tuple[str, int] | None:
     """(fused mfcore name, row block 0/1/2) of a q/k/v projection, or None."""
     for pattern, fused in rules:
@@ -166,7 +158,7 @@ def rename_hf(weights: dict[str, Tensor], backbone: str) -> tuple[dict[str, Tens
             local, prefix, (rules, qkv_rules) = name.removeprefix(ENCODER), "backbone.", backbone_rules
         else:
             local, prefix, rules, qkv_rules = name, "", HEAD_RULES, HEAD_QKV
-        new = _rename(rules, local)
+        new = apply_rules(rules, local)
         qkv = _qkv_part(qkv_rules, local) if new is None else None
         if new is not None:
             out[prefix + new] = value
