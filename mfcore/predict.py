@@ -1,8 +1,8 @@
 """Predictions on your own images: `python -m mfcore predict IMAGE|FOLDER... --checkpoint CKPT`.
 
 Each image is decoded (`mfcore.data.formats.read_image`), resized to the checkpoint's test short side
-(`inference.resize_shortest_edge`), padded and run through the model, and the outputs are resized back
-to the image's own size (`inference.pad_images` / `postprocess_masks`, through the evaluation helpers), so a
+(`test_time.resize_shortest_edge`), padded and run through the model, and the outputs are resized back
+to the image's own size (`test_time.pad_images` / `postprocess_masks`, through the evaluation helpers), so a
 prediction is made exactly as `mfcore evaluate` makes it. Per image, in `--out`:
 
 * semantic: `<name>_semantic.png`, the label map (contiguous class ids, 8-bit, 16-bit past 255 classes);
@@ -29,7 +29,8 @@ import torch
 
 from mfcore.data.formats import IMAGE_EXTENSIONS, ids_to_rgb, read_image, write_image, write_label
 from mfcore.files import write_json
-from mfcore.inference import instance_inference, panoptic_inference, predict_semantic, resize_shortest_edge
+from mfcore.inference import instance_inference, panoptic_inference
+from mfcore.test_time import predict_semantic, resize_shortest_edge
 
 TASKS = ("semantic", "panoptic", "instance")
 IGNORE = 255

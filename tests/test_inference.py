@@ -8,18 +8,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from mfcore.inference import (
-    PIXEL_MEAN,
     detr_panoptic_inference,
     general_semantic_inference,
     instance_inference,
-    pad_images,
     panoptic_inference,
     panoptic_queries,
+    semantic_inference,
+)
+from mfcore.config import PIXEL_MEAN
+from mfcore.test_time import (
+    pad_images,
     postprocess_masks,
     predict_semantic,
     predict_semantic_tta,
     resize_shortest_edge,
-    semantic_inference,
 )
 
 BIG = 20.0  # mask logit whose sigmoid is ~1 (inside) or ~0 (outside)

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from mfcore import fast
 from mfcore.fast.mask_loss import interpolation_matrix
 from mfcore.fast.semantic_labels import semantic_labels
-from mfcore.inference import postprocess_masks, semantic_inference
+from mfcore.inference import semantic_inference
+from mfcore.test_time import postprocess_masks
 from mfcore.modeling.models import build_model
 from mfcore.training.evaluate import mask_labels, mask_predictions
 

@@ -24,7 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from mfcore.config import TrainConfig
-from mfcore.inference import confident_queries, predict_semantic, resize_shortest_edge, semantic_inference
+from mfcore.inference import confident_queries, semantic_inference
+from mfcore.test_time import predict_semantic, resize_shortest_edge
 from mfcore.matcher import HungarianMatcher
 from mfcore.metrics import SemSegEvaluator
 from mfcore.training.checkpoint import configs_from_checkpoint, load_trained_model

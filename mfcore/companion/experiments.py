@@ -96,6 +96,8 @@ def synthetic_spec(ctx: Context, model: str, num_classes: int | None = None, see
     # one protocol for every model of a table: the same backbone, width, data, lr, schedule and iterations
     overrides = {"pretrained": pretrained_backbone(ctx), **p.model_fields(model), **model_overrides}
     train = {"iters": p.iters, "batch_size": p.batch_size, "lr": p.lr, "seed": seed,
+             # the small presets' own backbone multiplier (1.0) is left out of the spec unless the profile changes it
+             **({"backbone_lr_mult": p.backbone_lr_mult} if p.backbone_lr_mult != 1.0 else {}),
              "checkpoint_period": max(1, p.iters // 4), "num_workers": 0 if p.name == "smoke" else 2,
              "eval_period": max(1, p.iters // p.curve_points) if p.curve_points > 1 else 0}
     other = f"-{design}" if design and design != p.design else ""

@@ -28,7 +28,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from mfcore.config import PIXEL_MEAN, PIXEL_STD  # noqa: F401  (PIXEL_STD re-exported by mfcore.data)
-from mfcore.inference import pad_images, shortest_edge_size
+from mfcore.test_time import pad_images, shortest_edge_size
 
 # The released semantic mapper pads the crop with grey 128 *before* normalisation.
 IMAGE_CROP_PAD_VALUE = 128
@@ -76,7 +76,7 @@ class ResizeShortestEdge:
     """Resize so the short side is a random choice from `short_sides`, the long side <= max_size.
 
     scale = s / min(H, W), reduced to max_size / max(H, W) if the long side would exceed
-    max_size; new sizes are rounded to the nearest integer (`inference.shortest_edge_size`, the rule the
+    max_size; new sizes are rounded to the nearest integer (`test_time.shortest_edge_size`, the rule the
     test-time resize uses too).
     """
 

@@ -14,7 +14,7 @@ the width is resized once for the whole map by F.interpolate (the height left as
 tile by tile as a product with the rows of a resize matrix (`mask_loss.interpolation_matrix`), which
 touches only the few low-resolution rows a tile needs. The values equal the unfused path's up to float
 rounding. With one tile per image (a GPU's default) each image's map is computed whole instead, through
-`inference.postprocess_masks`: on a GPU the row product only adds work.
+`test_time.postprocess_masks`: on a GPU the row product only adds work.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mfcore.fast.mask_loss import interpolation_matrix
-from mfcore.inference import postprocess_masks
+from mfcore.test_time import postprocess_masks
 
 
 def _resize_width(masks: Tensor, padded_width: int, image_width: int, output_width: int) -> Tensor:

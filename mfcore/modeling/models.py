@@ -121,7 +121,7 @@ class SegmentationModel(nn.Module):
         decoder's `mask_features` conv turns the FPN output into E_pixel."""
         if images.shape[-2] % 32 or images.shape[-1] % 32:
             raise ValueError(f"image size {tuple(images.shape[-2:])} must be a multiple of 32; pad it "
-                             "(mfcore.inference.pad_images)")
+                             "(mfcore.test_time.pad_images)")
         # channels-last (NHWC) activations: oneDNN and cuDNN run convolutions natively in this layout
         # (build_model stores the conv weights the same way), saving a layout reorder per conv.
         images = images.contiguous(memory_format=torch.channels_last)

@@ -31,14 +31,10 @@ from mfcore.inference import (
     detr_panoptic_inference,
     general_semantic_inference,
     instance_inference,
-    pad_images,
     panoptic_inference,
-    postprocess_masks,
-    predict_semantic,
-    predict_semantic_tta,
-    resize_shortest_edge,
     semantic_inference,
 )
+from mfcore.test_time import pad_images, postprocess_masks, predict_semantic, predict_semantic_tta, resize_shortest_edge
 from mfcore.metrics import MaskAPAccumulator, SemSegEvaluator
 from mfcore.panoptic_quality import PQAccumulator, semantic_categories
 from mfcore.training import distributed as du
