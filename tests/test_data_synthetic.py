@@ -20,7 +20,8 @@ from mfcore.data import (
     synthetic_writer,
 )
 from mfcore.data.separability import box_sums, separability
-from mfcore.data.synthetic import balanced_pairs, hsv_to_rgb, primitives_needed, rgb_hue
+from mfcore.data.design_hue import hsv_to_rgb, rgb_hue
+from mfcore.data.design_pairs import balanced_pairs, primitives_needed
 
 
 def _digest(root: Path) -> str:

@@ -16,7 +16,7 @@ from mfcore.companion.predictions import (
     load_predictions,
     save_predictions,
 )
-from mfcore.training.train import read_metrics
+from mfcore.training.run_folder import read_metrics
 
 K = 3  # real classes in the hand-built cases; column K of the logits is "no object"
 

@@ -170,7 +170,7 @@ def table2(ctx: Context) -> Table:
 
 def table2_curves(ctx: Context) -> dict:
     """Learning curves of Table 2's runs: {K: {model name: [eval records of each seed's metrics.jsonl]}}."""
-    from mfcore.training.train import read_metrics
+    from mfcore.training.run_folder import read_metrics
 
     curves: dict = {}
     for (k, dataset, model), specs in _runs_table2(ctx).items():

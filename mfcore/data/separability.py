@@ -18,13 +18,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mfcore.data.synthetic import (
-    ClassDesign,
-    HueDesign,
-    design_classes,
-    render_scene_evidence,
-    rgb_hue,
-)
+from mfcore.data.design_hue import HueDesign, rgb_hue
+from mfcore.data.design_pairs import ClassDesign
+from mfcore.data.synthetic import design_classes, render_scene_evidence
 from mfcore.metrics import SemSegEvaluator
 
 

@@ -11,14 +11,12 @@ and when SIGTERM / Ctrl-C arrives) and `eval_val.json` (per-class tables of the 
 
 Resuming restores the model, optimiser, schedule, AMP scaler, RNG states and the position in the data
 order, so on the CPU a resumed run ends with bit-identical weights to an uninterrupted one (under DDP,
-processes other than rank 0 reseed their dropout RNG instead of restoring it).
+processes other than rank 0 reseed their dropout RNG instead of restoring it); the run folder's log and
+resume rules are mfcore.training.run_folder's.
 """
 from __future__ import annotations
 
-import json
-import signal
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,21 +32,21 @@ from mfcore import fast
 from mfcore.config import TrainConfig, override
 from mfcore.data.catalog import SYNTHETIC, dataset_name
 from mfcore.data.transforms import build_detr_transform, build_train_transform, collate
-from mfcore.files import json_safe, write_json, write_text
+from mfcore.files import write_json
 from mfcore.losses import total_loss
 from mfcore.modeling.models import build_model
 from mfcore.presets import adapt_to_data, get_preset
 from mfcore.training import distributed as du
-from mfcore.training.checkpoint import (
-    capture_rng_state,
-    config_dict,
-    config_differences,
-    load_checkpoint,
-    load_model_state,
-    restore_rng_state,
-    save_checkpoint,
-)
+from mfcore.training.checkpoint import capture_rng_state, config_dict, save_checkpoint
 from mfcore.training.evaluate import evaluate_model
+from mfcore.training.run_folder import (
+    StopRequest,
+    append_metric,
+    read_metrics,
+    restore_run,
+    resume_decision,
+    truncate_metrics,
+)
 from mfcore.training.runtime import (
     ResumableBatchSampler,
     RunLock,
@@ -63,34 +61,7 @@ from mfcore.training.runtime import (
 )
 from mfcore.training.solver import build_scheduler, clip_gradients
 
-# fields that do not change the result: a run may be resumed with other values (TrainConfig's, and
-# ModelConfig.grad_checkpointing: switched on after an out-of-memory, the same gradients); tf32 changes only
-# the float rounding on a GPU, as moving the run to another GPU would
-RUN_LEVEL = ("eval_period", "checkpoint_period", "log_period", "num_workers", "grad_checkpointing", "tf32")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class StopRequest:
-    """While active, SIGINT (Ctrl-C) and SIGTERM only set `signum`; the loop then finishes its step,
-    saves a checkpoint and returns. A second signal gets the previous behaviour (stop at once)."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signum = signum
-        signal.signal(signum, self._previous[signum])
-
-    def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():  # handlers only work in the main thread
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 @contextmanager
@@ -120,14 +91,6 @@ def _targets_to(targets: list[dict], device: torch.device) -> list[dict]:
             for t in targets]
 
 
-def _append_jsonl(path: Path, record: dict) -> None:
-    try:
-        with open(path, "a") as f:
-            f.write(json.dumps(json_safe(record)) + "\n")
-    except OSError as err:  # full or read-only disk
-        raise OSError(err.errno, f"cannot append to {path}: {err.strerror or err}") from err
-
-
 def _nonfinite_outputs(outputs: Any, prefix: str = "") -> list[str]:
     """Names of the model outputs (nested dicts / lists of tensors) holding NaN or inf."""
     if isinstance(outputs, torch.Tensor):
@@ -145,39 +108,6 @@ def _zero_loss(outputs: Any) -> torch.Tensor:
         return outputs.float().sum() * 0.0 if outputs.is_floating_point() else torch.zeros(())
     items = outputs.values() if isinstance(outputs, dict) else outputs if isinstance(outputs, (list, tuple)) else ()
     return sum((_zero_loss(v) for v in items), torch.zeros(()))
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """Records of a `metrics.jsonl`; a last line still being written is skipped."""
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
-def _truncate_jsonl(path: Path, iteration: int) -> None:
-    """Drop records a killed run wrote after its last checkpoint (the resumed run writes them again), and a
-    last line it was still writing; the file is rewritten atomically. A damaged line elsewhere is an error."""
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            if not isinstance(record, dict) or not isinstance(record.get("iter"), int):
-                raise ValueError("no integer 'iter'")
-        except ValueError as err:  # json.JSONDecodeError is a ValueError
-            if number == len(lines):  # cut short when the run was killed: written again after resuming
-                break
-            raise ValueError(f"cannot resume: line {number} of {path} is not a metrics record ({err}); "
-                             f"remove or repair that line") from None
-        if record["iter"] <= iteration:
-            kept.append(line)
-    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _show(progress: str, line: str, final: bool = False) -> None:
@@ -244,16 +174,11 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
     set_tf32(cfg.tf32, device)
     if device.type == "cpu":
         keep_freed_memory()
-    if resume == "auto":  # decided under the run lock; every process sees the same (shared) run folder
-        resume = ckpt_path.is_file()
-        if main:
-            what = f"resuming {ckpt_path}" if resume else f"no {ckpt_path} yet, starting"
-            _show(progress, f"--resume auto: {what}", final=True)
-    if resume and not ckpt_path.is_file():
-        raise FileNotFoundError(f"resume: no checkpoint at {ckpt_path}")
-    if not resume and ckpt_path.exists():
-        raise ValueError(f"{output_dir} already holds a run (last.pt): pass --resume to continue it, or choose "
-                         f"another --output")
+    auto = resume == "auto"
+    resume = resume_decision(ckpt_path, resume)  # decided under the run lock; every process sees the same folder
+    if auto and main:
+        what = f"resuming {ckpt_path}" if resume else f"no {ckpt_path} yet, starting"
+        _show(progress, f"--resume auto: {what}", final=True)
 
     transform = train_transform(cfg)
     for turn in (0, 1):  # rank 0 first: it may generate the default synthetic set
@@ -285,22 +210,8 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
     # the data a run was trained on is part of it: resuming on another root of the same K is refused
     data_source = str(Path(data_root if data_root is not None else default_synthetic_root()).resolve())
     if resume:
-        ckpt = load_checkpoint(ckpt_path)
-        diffs = config_differences(ckpt["config"], run_config, ignore=RUN_LEVEL)
-        if ckpt.get("data_root", data_source) != data_source:
-            diffs.append(f"--data-root: {ckpt['data_root']} != {data_source}")
-        if diffs:
-            raise ValueError(f"cannot resume {ckpt_path}: the run's config differs: " + "; ".join(diffs))
-        load_model_state(model, ckpt["model"], str(ckpt_path))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        if ckpt["scaler"] is not None:
-            scaler.load_state_dict(ckpt["scaler"])
-        start = last_saved = ckpt["iteration"]
-        if rank == 0:
-            restore_rng_state(ckpt["rng"])
-        else:
-            seed_everything(cfg.seed + rank + 1000 * start)
+        start = last_saved = restore_run(ckpt_path, run_config, data_source, model, optimizer, scheduler, scaler,
+                                         cfg.seed, rank)
     ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else None
     net = ddp or model
@@ -317,7 +228,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
     if main:
         output_dir.mkdir(parents=True, exist_ok=True)
         if resume:
-            _truncate_jsonl(metrics_path, start)
+            truncate_metrics(metrics_path, start)
         else:
             metrics_path.unlink(missing_ok=True)
 
@@ -343,7 +254,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
             summary = {k: v for k, v in result["semantic"].items() if k != "per_class"}
             if "panoptic" in result:
                 summary.update({f"panoptic_{k}": v for k, v in result["panoptic"].items() if k != "per_class"})
-            _append_jsonl(metrics_path, {"type": "eval", "iter": iteration, **summary})
+            append_metric(metrics_path, {"type": "eval", "iter": iteration, **summary})
             _show(progress, f"eval at iter {iteration}: mIoU {summary['mIoU']:.2f}  PQ^St {summary['PQ_St']:.2f}",
                   final=True)
         return result
@@ -416,7 +327,7 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
                 if device.type == "cuda":
                     record["max_mem_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
                 if main:
-                    _append_jsonl(metrics_path, record)
+                    append_metric(metrics_path, record)
                     if on_log is not None:  # e.g. a notebook's live loss plot
                         on_log(read_metrics(metrics_path))
                     _show(progress, f"iter {it}/{cfg.iters}  loss {record['loss']:.4f}  lr {lr:.2e}  "
@@ -447,4 +358,4 @@ def _train(preset: str, output_dir: Path, data_root: str | Path | None, train_ov
             "signal": stop.signum}
 
 
-__all__ = ["train", "StopRequest", "RUN_LEVEL"]
+__all__ = ["train", "train_transform"]
