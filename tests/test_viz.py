@@ -323,3 +323,14 @@ def test_empty_inference_panels_say_what_the_threshold_left():
     assert fig.axes[3].get_title() == "panoptic: 0 segment(s)\nabove threshold 0.8"
     assert "general: 0 class(es)" in fig.axes[2].get_title()
     assert any("nothing kept" in t.get_text() for t in fig.axes[3].texts)
+
+
+def test_query_examples_outline_the_query_mask_and_dim_the_rest():
+    image = np.full((4, 4, 3), 200, dtype=np.uint8)
+    masks = np.full((1, 4, 4), -5.0, np.float32)
+    masks[0, :, :2] = 5.0                                   # the query covers the left half
+    preds = [{"image": image, "pred_logits": logits_for([0]), "pred_masks": masks}]
+    fig = query_stats.plot_query_examples(preds, {0: [(0, 0, 0.99)]}, ["a", "b", "c"])
+    shown = np.asarray(fig.axes[0].images[0].get_array())
+    assert (shown[:, :2] == 200).all() and (shown[:, 2:] == 50).all()
+    assert fig.axes[0].collections                          # the outline

@@ -16,7 +16,7 @@ import torch
 from matplotlib.figure import Figure
 
 from mfcore.companion.predictions import to_numpy
-from mfcore.companion.viz import bare_axes, overlay
+from mfcore.companion.viz import bare_axes, to_rgb
 
 
 class QueryStats:
@@ -142,8 +142,8 @@ def query_examples(predictions: Sequence[Mapping], queries: Sequence[int] | None
 
 def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, Sequence[tuple[int, int, float]]],
                         class_names: Sequence[str] | None = None, prob_threshold: float = 0.5) -> Figure:
-    """Rows = queries, one panel per example: the image with the query's mask (sigmoid >= 0.5) tinted in
-    its category's colour. One axes per example. Examples at or below `prob_threshold` (query_examples' fallback
+    """Rows = queries, one panel per example: the image with the query's mask (sigmoid >= 0.5) outlined in
+    white and everything outside it dimmed (a tint would vanish on the scenes' own colours). One axes per example. Examples at or below `prob_threshold` (query_examples' fallback
     for a weak model) are called what they are in the title."""
     cols = max((len(v) for v in examples.values()), default=0)
     if cols == 0:
@@ -154,10 +154,10 @@ def plot_query_examples(predictions: Sequence[Mapping], examples: Mapping[int, S
     for r, (q, uses) in enumerate(examples.items()):
         for c, (index, category, prob) in enumerate(uses):
             p = predictions[index]
-            num_classes = to_numpy(p["pred_logits"]).shape[1] - 1
             mask = to_numpy(p["pred_masks"])[q] >= 0
             ax = fig.add_subplot(len(examples), cols, r * cols + c + 1)
-            ax.imshow(overlay(p["image"], np.where(mask, category, 255), num_classes, alpha=0.6))
+            ax.imshow(np.where(mask[..., None], to_rgb(p["image"]), to_rgb(p["image"]) // 4))
+            ax.contour(mask.astype(float), levels=[0.5], colors="white", linewidths=1.2)
             name = class_names[category] if class_names else str(category)
             bare_axes(ax, f"{name} (p={prob:.2f})")
             if c == 0:
