@@ -6,6 +6,7 @@ Every norm scale, bias, BatchNorm statistic and Swin bias table is randomised be
 placed in the wrong slot (or left out, or a q/k/v block in the wrong order) changes the outputs."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -124,6 +125,45 @@ def test_bin_is_read_with_weights_only(snapshot, tmp_path):
     assert from_bin.keys() == from_safe.keys()
     assert all(torch.equal(from_bin[k], from_safe[k]) for k in from_bin)
     assert len(load_file(folder / "model.safetensors")) == len(hf.state_dict())
+
+
+def test_sharded_snapshot_converts_as_the_single_file(snapshot, tmp_path, capsys):
+    """Hub checkpoints above a size come in shards named by an index's weight_map: safetensors shards, and
+    .bin shards, give the checkpoint and the outputs of the single-file snapshot; a missing shard is named."""
+    kind, hf, folder = snapshot
+    if kind != "resnet":
+        pytest.skip("one backbone is enough for the file format")
+    sharded = tmp_path / "sharded"
+    hf.save_pretrained(sharded, max_shard_size="40MB")  # ~95 MB of weights: 3 shards
+    weight_map = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    shards = sorted(set(weight_map.values()))
+    assert len(shards) >= 2 and not (sharded / "model.safetensors").exists()
+    bins = tmp_path / "bins"  # the same shards as .bin files, as older sharded snapshots hold them
+    bins.mkdir()
+    (bins / "config.json").write_text((folder / "config.json").read_text())
+    as_bin = {s: s.replace("model-", "pytorch_model-").replace(".safetensors", ".bin") for s in shards}
+    for shard in shards:
+        torch.save(load_file(sharded / shard), bins / as_bin[shard])
+    (bins / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {k: as_bin[v] for k, v in weight_map.items()}}))
+    convert_checkpoint(folder, tmp_path / "single.pt", PRESETS[kind])
+    want = load_checkpoint(tmp_path / "single.pt")["model"]
+    _, _, cls_want, masks_want, _ = _logits(hf, tmp_path / "single.pt")
+    for source in (sharded, bins):
+        summary = convert_checkpoint(source, tmp_path / f"{source.name}.pt", PRESETS[kind])
+        assert summary["unexpected"] == []
+        got = load_checkpoint(tmp_path / f"{source.name}.pt")["model"]
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        _, _, cls, masks, _ = _logits(hf, tmp_path / f"{source.name}.pt")
+        assert torch.equal(cls, cls_want) and torch.equal(masks, masks_want)
+    (sharded / shards[-1]).unlink()  # a partial download
+    capsys.readouterr()  # save_pretrained's progress bar
+    with pytest.raises(SystemExit) as exc:
+        main(["convert-checkpoint", str(sharded), str(tmp_path / "out.pt"), "--preset", PRESETS[kind]])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"lacks shard {shards[-1]}" in err
+    assert not (tmp_path / "out.pt").exists()
 
 
 class _Exploit:

@@ -35,8 +35,10 @@ attention matrices, so going back is the same kind of list (prefixes shortened: 
 Files that transformers writes store the decoder's `out_proj` / `fc1` / `fc2` under these legacy names;
 its modules in memory call them `o_proj` / `mlp.fc1` / `mlp.fc2`. Both spellings are read.
 Weights are read without unpickling: `safetensors` for `.safetensors`, `torch.load(weights_only=True)` for
-`.bin`. `model_config_from_hf` turns `config.json` into the mfcore ModelConfig of the same network, and
-refuses settings that would make the two compute different functions (no renaming could fix those).
+`.bin`. Large hub checkpoints are sharded: `model.safetensors.index.json` (or `pytorch_model.bin.index.json`)
+maps every tensor name to one of several files (`model-00001-of-00002.safetensors`, ...), read the same way.
+`model_config_from_hf` turns `config.json` into the mfcore ModelConfig of the same network, and refuses settings
+that would make the two compute different functions (no renaming could fix those).
 """
 from __future__ import annotations
 
@@ -264,19 +266,46 @@ def _read_json(path: Path) -> dict:
 
 
 def read_hf_weights(folder: str | Path) -> tuple[dict[str, Tensor], Path]:
-    """The {name: tensor} of a snapshot folder and the file read, without unpickling anything."""
+    """The {name: tensor} of a snapshot folder and the file read (a sharded snapshot's index), without
+    unpickling anything."""
     folder = Path(folder)
-    files = [folder / f for f in WEIGHT_FILES if (folder / f).is_file()]
-    if not files:
-        raise FileNotFoundError(f"{folder} holds no weights: expected {' or '.join(WEIGHT_FILES)} in it "
-                                "(a Hugging Face snapshot of MaskFormerForInstanceSegmentation)")
-    path = files[0]
+    for name in WEIGHT_FILES:
+        if (folder / name).is_file():
+            return _read_weight_file(folder / name), folder / name
+        if (folder / (name + ".index.json")).is_file():
+            return _read_shards(folder / (name + ".index.json")), folder / (name + ".index.json")
+    raise FileNotFoundError(f"{folder} holds no weights: expected {' or '.join(WEIGHT_FILES)} in it, or the "
+                            "sharded form's .index.json and shards (a Hugging Face snapshot of "
+                            "MaskFormerForInstanceSegmentation)")
+
+
+def _read_shards(index: Path) -> dict[str, Tensor]:
+    """The tensors of a sharded snapshot: its index's "weight_map" names the shard file of every tensor. A
+    shard that is not in the folder is named in the error (a partial download is the usual cause)."""
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index}: expected a \"weight_map\" {{tensor name: shard file}}")
+    weights: dict[str, Tensor] = {}
+    for shard in sorted(set(weight_map.values())):
+        if not isinstance(shard, str) or Path(shard).name != shard:  # shards sit beside their index
+            raise ValueError(f"{index}: shard {shard!r} is not a file name in {index.parent}")
+        if not (index.parent / shard).is_file():
+            raise FileNotFoundError(f"{index.parent} lacks shard {shard}, which {index.name} lists")
+        weights.update(_read_weight_file(index.parent / shard))
+    missing = sorted(set(weight_map) - set(weights))
+    if missing:
+        raise ValueError(f"{index}: {len(missing)} tensor(s) it lists are in no shard, e.g. {missing[:3]}")
+    return weights
+
+
+def _read_weight_file(path: Path) -> dict[str, Tensor]:
+    """One weights file: safetensors as such, .bin with torch.load(weights_only=True)."""
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
         try:
-            return load_file(path), path
+            return load_file(path)
         except SafetensorError as err:
             raise ValueError(f"cannot read {path} as safetensors: {err}") from err
     try:
@@ -287,7 +316,7 @@ def read_hf_weights(folder: str | Path) -> tuple[dict[str, Tensor], Path]:
                          f"tensors: {reason}") from err
     if not isinstance(weights, dict) or not all(isinstance(v, Tensor) for v in weights.values()):
         raise ValueError(f"{path}: expected a state dict {{name: tensor}}")
-    return weights, path
+    return weights
 
 
 def convert_hf_folder(folder: str | Path, output: str | Path, preset: str) -> dict:
@@ -297,7 +326,7 @@ def convert_hf_folder(folder: str | Path, output: str | Path, preset: str) -> di
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} has no config.json: expected a Hugging Face snapshot folder with "
-                                f"config.json and {' or '.join(WEIGHT_FILES)}")
+                                f"config.json and {' or '.join(WEIGHT_FILES)} (or their shards)")
     weights, path = read_hf_weights(folder)
     preprocessor = folder / "preprocessor_config.json"
     model_cfg = model_config_from_hf(_read_json(folder / "config.json"), preset,
