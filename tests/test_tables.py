@@ -131,3 +131,32 @@ def test_side_by_side_joins_profiles_on_the_paper_column(tmp_path):
                                  "gpu": tmp_path / "gpu"})
     assert list(frame.columns) == ["K", "model", "mIoU paper", "mIoU quick", "mIoU laptop"]
     assert frame.iloc[0].tolist() == [8, "MaskFormer", 78.5, 40.0, 45.0]
+
+
+def test_table1_multiscale_column_reads_each_run_out_with_tta_once(tmp_path, monkeypatch):
+    """Table 1's m.s. column: the median over seeds of each run's checkpoint evaluated with multi-scale + flip
+    (the released TTA), evaluated once per run into eval_val_tta.json and reused after."""
+    from mfcore.companion import model_size_tables as mst
+    from mfcore.companion.experiments import RunSpec
+
+    ctx = make_context("paper", str(tmp_path / "results"), profile_overrides={"seeds": (0, 1, 2)})
+    monkeypatch.setattr("mfcore.companion.analysis.analyze",
+                        lambda preset, size=None: {"params": 1e6, "flops": 1e9, "size": (512, 512)})
+    monkeypatch.setattr(mst, "runs_model_size", lambda presets: lambda c: {
+        p: [RunSpec(f"{p}-s{s}", p, "ade") for s in c.profile.seeds] for p in presets})
+    monkeypatch.setattr(mst, "run_seeds", lambda c, specs: {"semantic": {"mIoU": 40.0}, "cached_seconds": 0.0})
+    calls = []
+
+    def fake_evaluate(checkpoint, data_root, output, device, max_images, tta=False, inference="semantic"):
+        calls.append((str(checkpoint), tta))
+        seed = int(str(checkpoint).split("-s")[-1].split("/")[0])
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({"metrics": {"semantic": {"mIoU": 41.0 + seed}}}))
+
+    monkeypatch.setattr("mfcore.training.evaluate.evaluate", fake_evaluate)
+    frame = tables.table1(ctx).frame.set_index("model")
+    assert (frame["mIoU (m.s.) ours"] == 42.0).all()       # median of 41, 42, 43
+    assert (frame["mIoU (s.s.) ours"] == 40.0).all()
+    assert len(calls) == 3 * len(frame) and all(tta for _, tta in calls)
+    tables.table1(ctx)
+    assert len(calls) == 3 * len(frame)                     # read from eval_val_tta.json the second time
