@@ -6,8 +6,9 @@
 2. starts JupyterLab on 127.0.0.1 (a free port, a random token, this checkout as its root);
 3. opens notebook 08 with `profile="smoke"`, `interactive=True` injected, runs every cell (Run > Run All Cells);
 4. checks that the query slider shows the query the notebook's `select_pixel` chose, types another query
-   into the slider's readout and checks that the explorer's figure changes;
-5. leaves screenshots in results/executed/browser/ (page, figure before, figure after).
+   into the slider's readout and checks that the explorer's figure changes; then the object threshold
+   (0.8 -> 0.05) and the same; and that the browser console holds no error;
+5. leaves screenshots in results/executed/browser/ (page, figure before, after the query, after the threshold).
 
 Needs Debian's `chromium` and `chromium-driver` (apt-get install chromium chromium-driver) and `selenium`
 (the `browser` extra: pip install -e ".[browser]"). Exit code 0 when every check passed, 1 otherwise.
@@ -85,6 +86,7 @@ def browser():
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, read by check()
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1700,1300"):
         options.add_argument(arg)
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -116,9 +118,34 @@ def figure_element(driver):
     return None, None
 
 
+def slider_readout(driver, label: str):
+    """The editable readout of the explorer's slider labelled `label` (None before it is drawn)."""
+    from selenium.webdriver.common.by import By
+
+    found = driver.find_elements(By.XPATH, f"//div[contains(@class,'widget-slider')][.//label[normalize-space()="
+                                           f"'{label}']]//div[contains(@class,'widget-readout')]")
+    return found[0] if found else None
+
+
+def set_slider(driver, label: str, value: str, timeout: float = 60) -> bool:
+    """Type `value` into the slider's readout; whether the explorer's figure changed within `timeout` s."""
+    from selenium.webdriver.common.keys import Keys
+
+    before = figure_element(driver)[0].screenshot_as_png
+    readout = slider_readout(driver, label)
+    readout.click()
+    readout.send_keys(Keys.CONTROL, "a")
+    readout.send_keys(value, Keys.ENTER)
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(2)
+        if figure_element(driver)[0].screenshot_as_png != before:
+            return True
+    return False
+
+
 def check(timeout: float, out: Path) -> list[str]:
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support.ui import WebDriverWait
 
     failures: list[str] = []
@@ -133,9 +160,7 @@ def check(timeout: float, out: Path) -> list[str]:
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-Cell"))
         time.sleep(5)  # the kernel starts
         click_menu(driver, WebDriverWait(driver, 60), "Run", "Run All Cells")
-        slider_xpath = ("//div[contains(@class,'widget-slider')][.//label[normalize-space()='query']]"
-                        "//div[contains(@class,'widget-readout')]")
-        readout = wait.until(lambda d: d.find_elements(By.XPATH, slider_xpath))[0]
+        readout = wait.until(lambda d: slider_readout(d, "query"))
         wait.until(lambda d: figure_element(d)[0] is not None)
         time.sleep(3)  # the first draw
         driver.save_screenshot(str(out / "page.png"))
@@ -147,26 +172,26 @@ def check(timeout: float, out: Path) -> list[str]:
         elif shown != printed.group(1):
             failures.append(f"the query slider shows {shown}, select_pixel chose query {printed.group(1)}")
         element, kind = figure_element(driver)
-        before = element.screenshot_as_png
-        (out / "figure_before.png").write_bytes(before)
+        (out / "figure_before.png").write_bytes(element.screenshot_as_png)
         new = 0 if shown != "0" else 1
-        readout.click()
-        readout.send_keys(Keys.CONTROL, "a")
-        readout.send_keys(str(new), Keys.ENTER)
-        changed = False
-        deadline = time.time() + 60
-        while time.time() < deadline and not changed:
-            time.sleep(2)
-            element, _ = figure_element(driver)
-            after = element.screenshot_as_png
-            changed = after != before
-        (out / "figure_after.png").write_bytes(after)
+        changed = set_slider(driver, "query", str(new))
         driver.save_screenshot(str(out / "page_after.png"))
-        if readout.text.strip() != str(new):
-            failures.append(f"the slider's readout shows {readout.text.strip()!r} after typing {new}")
+        if slider_readout(driver, "query").text.strip() != str(new):
+            failures.append(f"the query slider's readout shows {slider_readout(driver, 'query').text.strip()!r} "
+                            f"after typing {new}")
         if not changed:
             failures.append(f"the explorer's figure ({kind}) did not change after moving the query slider")
-        print(f"figure drawn as {kind}; slider {shown} -> {readout.text.strip()}; figure changed: {changed}")
+        # a low object threshold keeps queries the default 0.8 drops: the panoptic panel must redraw
+        threshold_changed = set_slider(driver, "object thr", "0.05")
+        element, _ = figure_element(driver)
+        (out / "figure_threshold.png").write_bytes(element.screenshot_as_png)
+        if not threshold_changed:
+            failures.append("the explorer's figure did not change after moving the object threshold to 0.05")
+        errors = [e["message"] for e in driver.get_log("browser") if e.get("level") == "SEVERE"]
+        if errors:
+            failures.append(f"the browser console has {len(errors)} error(s), first: {errors[0][:300]}")
+        print(f"figure drawn as {kind}; query slider {shown} -> {new}, figure changed: {changed}; object threshold "
+              f"0.8 -> 0.05, figure changed: {threshold_changed}; console errors: {len(errors)}")
     finally:
         driver.quit()
         lab.terminate()
