@@ -432,3 +432,40 @@ def test_loader_workers_ignore_stop_signals():
                                          worker_init_fn=ignore_stop_signals)
     (batch,) = list(loader)
     assert [int(v) for v in torch.stack(batch).flatten()] == [1, 1, 1, 1]
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_pool_workers_stop_when_their_parent_is_killed(tmp_path):
+    """A `tables` / `reproduce` killed outright (SIGKILL to it alone) must not leave its pool workers training:
+    each worker gets SIGTERM when its parent dies (experiments._worker_start)."""
+    script = tmp_path / "parent.py"
+    script.write_text(
+        "import multiprocessing, os, signal, time\n"
+        "from concurrent.futures import ProcessPoolExecutor\n"
+        "from mfcore.companion.experiments import _worker_start\n"
+        "if __name__ == '__main__':\n"
+        "    pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'), initializer=_worker_start,\n"
+        "                               initargs=(1,))\n"
+        "    print(pool.submit(os.getpid).result(), flush=True)\n"
+        "    pool.submit(time.sleep, 120)\n"
+        "    time.sleep(1)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    worker = int(out.stdout.split()[0])
+    deadline = time.time() + 20
+    while time.time() < deadline and _running(worker):
+        time.sleep(0.2)
+    alive = _running(worker)
+    if alive:
+        os.kill(worker, signal.SIGKILL)
+    assert not alive, "the pool worker outlived its killed parent"
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, IndexError):
+        return False
+    return state != "Z"

@@ -220,9 +220,9 @@ def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
 
     failed = []
     threads = max(1, (os.cpu_count() or 1) // workers)  # side-by-side runs share the CPU instead of oversubscribing it
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_set_threads,
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start,
                              initargs=(threads,)) as pool:
-        futures = {pool.submit(run, ctx, spec): spec.name for spec in todo}
+        futures = {pool.submit(_run_in_worker, ctx, spec): spec.name for spec in todo}
         for future in as_completed(futures):
             error = future.exception()
             print(f"run {futures[future]}: {'failed: ' + repr(error) if error else 'finished'}", flush=True)
@@ -232,10 +232,29 @@ def train_runs(ctx: Context, specs: list[RunSpec], workers: int = 1) -> None:
         raise RuntimeError(f"{len(failed)} run(s) failed: {failed}; finished runs are kept, run again to retry")
 
 
-def _set_threads(threads: int) -> None:
+def _worker_start(threads: int) -> None:
+    """A pool worker's set-up: its share of the CPU threads, and on Linux SIGTERM when its parent dies
+    (prctl PR_SET_PDEATHSIG), so that a killed `tables` / `reproduce` leaves no worker training: the run saves
+    its checkpoint and stops (`_run_in_worker`), as it does when the whole process group is signalled."""
     import torch
 
     torch.set_num_threads(threads)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the line above
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _run_in_worker(ctx: Context, spec: RunSpec) -> dict:
+    """`run` in a pool worker. A run stopped by a signal has saved its checkpoint; the worker then exits instead
+    of taking the next queued run (its parent is gone or stopping too)."""
+    try:
+        return run(ctx, spec)
+    except KeyboardInterrupt:
+        os._exit(130)
 
 
 def make_context(profile: str = "quick", results_dir: str = "", data_root: str | None = None, device: str = "auto",
