@@ -37,7 +37,7 @@ test: venv
 reproduce: venv
 	$(PY) -m mfcore reproduce --profile $(PROFILE) --device $(DEVICE) --data-root "$(DATA_ROOT)" --nproc-per-node $(NPROC)
 
-# notebook 08 in a real JupyterLab under headless Chromium (apt-get install chromium chromium-driver); not in CI
+# notebook 08 in a real JupyterLab under headless Chromium (apt-get install chromium chromium-driver); .ci/run runs it
 test-browser: venv
 	$(PY) -m pip install --quiet -e ".[browser]"
 	$(PY) tests/browser_check.py
