@@ -175,6 +175,7 @@ def check(timeout: float, out: Path) -> list[str]:
         (out / "figure_before.png").write_bytes(element.screenshot_as_png)
         new = 0 if shown != "0" else 1
         changed = set_slider(driver, "query", str(new))
+        (out / "figure_after.png").write_bytes(figure_element(driver)[0].screenshot_as_png)
         driver.save_screenshot(str(out / "page_after.png"))
         if slider_readout(driver, "query").text.strip() != str(new):
             failures.append(f"the query slider's readout shows {slider_readout(driver, 'query').text.strip()!r} "
