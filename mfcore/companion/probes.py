@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mfcore.training.checkpoint import configs_from_checkpoint, load_trained_model
-from mfcore.training.runtime import checkpoint_dataset, seed_everything
+from mfcore.training.runtime import checkpoint_dataset, forked_rng
 
 
 @torch.no_grad()  # not inference_mode: the probes are trained on these tensors
@@ -60,10 +60,10 @@ def segment_features(model: nn.Module, dataset: Any, max_images: int | None = No
 def linear_probe(train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
                  steps: int = 500, weight_decay: float = 1e-4, seed: int = 0) -> float:
     """Val accuracy (percent) of a softmax regression fit on (train_x [M, C], train_y [M]), full batch, Adam."""
-    seed_everything(seed)
     mean, std = train_x.mean(0), train_x.std(0).clamp(min=1e-6)
     train_x, val_x = (train_x - mean) / std, (val_x - mean) / std
-    probe = nn.Linear(train_x.shape[1], num_classes)
+    with forked_rng(seed):  # a seeded initialisation that leaves the caller's RNGs as they were
+        probe = nn.Linear(train_x.shape[1], num_classes)
     optimizer = torch.optim.Adam(probe.parameters(), lr=1e-2, weight_decay=weight_decay)
     for _ in range(steps):
         optimizer.zero_grad()
