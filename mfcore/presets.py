@@ -83,6 +83,22 @@ SMALL_DATASETS: dict[str, tuple[int, dict]] = {
                                     backbone_lr_mult=1.0, clip_grad_norm=1.0)),
 }
 SMALL_BACKBONES = ("tiny", "tiny8", "r18")
+SMALL_SCENE_SIZE = 64  # the scene size SMALL_DATASETS' crop, jitter and test sizes are written for
+
+
+def scene_sizes(image_size: int) -> dict:
+    """The small presets' crop, scale jitter and test sizes for scenes of `image_size` pixels: those written for
+    64x64 scenes, scaled by image_size / 64, so that larger scenes train and test at their own resolution instead
+    of being resized down to 64 (which would also average away their per-pixel noise)."""
+    scale = image_size / SMALL_SCENE_SIZE
+    base = SMALL_DATASETS["synthetic"][1]
+
+    def sized(v: int) -> int:
+        return int(round(v * scale))
+    return dict(crop_size=(image_size, image_size), short_sides=tuple(sized(s) for s in base["short_sides"]),
+                max_size=sized(base["max_size"]), test_short_side=sized(base["test_short_side"]),
+                test_max_size=sized(base["test_max_size"]), tta_short_sides=tuple(sized(s) for s in base["tta_short_sides"]),
+                tta_max_size=sized(base["tta_max_size"]))
 
 
 def one_query_per_class(model: ModelConfig, loss: LossConfig) -> bool:

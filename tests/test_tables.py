@@ -59,6 +59,20 @@ def test_every_scene_parameter_keys_the_generated_data(smoke, monkeypatch):
     assert experiments.synthetic_root(smoke, 8) == experiments.synthetic_root(smoke, 8)
 
 
+
+def test_larger_scenes_train_and_test_at_their_own_resolution(smoke):
+    """A 128-pixel scene must not be resized to the presets' 64-pixel crop (that would average its noise away)."""
+    from mfcore.companion import experiments
+    from mfcore.config import override
+    from mfcore.presets import get_preset
+
+    larger = make_context("smoke", str(smoke.results_dir), profile_overrides={"image_size": 128},
+                          cache_dir=str(smoke.cache_dir))
+    spec = experiments.synthetic_spec(larger, "maskformer", 8)
+    train_cfg = override(get_preset(spec.preset).train, **spec.train)
+    assert train_cfg.crop_size == (128, 128) and train_cfg.test_short_side == 128
+    assert min(train_cfg.short_sides) == 96 and max(train_cfg.tta_short_sides) == 160
+    assert "crop_size" not in experiments.synthetic_spec(smoke, "maskformer", 8).train  # 64: the cached specs stand
 def test_tables_command_trains_side_by_side_then_reuses(smoke, capsys):
     args = ["tables", "table4", "--profile", "smoke", "--results-dir", str(smoke.results_dir), "--seeds", "0",
             "--workers", "2", "--cache-dir", str(smoke.cache_dir)]

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from mfcore.companion.profiles import Profile
 from mfcore.files import REPO, default_cache_dir, write_json
+from mfcore.presets import SMALL_SCENE_SIZE, scene_sizes
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ def synthetic_spec(ctx: Context, model: str, num_classes: int | None = None, see
     train = {"iters": p.iters, "batch_size": p.batch_size, "lr": p.lr, "seed": seed,
              # the small presets' own backbone multiplier (1.0) is left out of the spec unless the profile changes it
              **({"backbone_lr_mult": p.backbone_lr_mult} if p.backbone_lr_mult != 1.0 else {}),
+             # scenes of another size than the presets' 64 train and test at their own resolution
+             **(scene_sizes(p.image_size) if p.image_size != SMALL_SCENE_SIZE else {}),
              "checkpoint_period": max(1, p.iters // 4), "num_workers": 0 if p.name == "smoke" else 2,
              "eval_period": max(1, p.iters // p.curve_points) if p.curve_points > 1 else 0}
     other = f"-{design}" if design and design != p.design else ""
