@@ -132,6 +132,13 @@ def test_table2_verdict_reads_the_gap_at_the_smallest_and_largest_k():
     assert all(line.startswith("DOES NOT HOLD") for line in tables.table2_verdict(frame({8: -4.0, 64: -1.0})))
 
 
+def test_class_group_iou_splits_thing_from_stuff_classes(tmp_path):
+    per_class = [{"id": 0, "iou": 10.0}, {"id": 1, "iou": 30.0}, {"id": 2, "iou": 80.0}, {"id": 3, "iou": None},
+                 {"id": 4, "iou": float("nan")}, {"id": 5, "iou": 60.0}]
+    (tmp_path / "final.json").write_text(json.dumps({"metrics": {"semantic": {"per_class": per_class}}}))
+    assert tables.class_group_iou(tmp_path, {0, 1, 3}) == {"things": 20.0, "stuff": 70.0}
+
+
 def test_side_by_side_joins_profiles_on_the_paper_column(tmp_path):
     import pandas as pd
 
