@@ -21,8 +21,8 @@ from mfcore.training.pretrain import PretrainConfig
 # 24.8 min for pretraining and 7 runs two side by side plus 4.4 min for the panoptic run alone (32.7 min in all with
 # make venv): about 2.8 s of one core per iteration in all. With make venv (2 min), pretraining (2 min), the notebooks
 # (1.5 min) and a 10% margin, 750 fit. laptop trains the same 750: at 1000 its runs took about 2.4 hours, over its
-# 2-hour aim (README, "How the laptop tables were run"); at quick's measured rate (1.8 min of two cores per
-# MaskFormer-sized run) its 45 runs take about 1.5 hours, and its seed-0 runs are quick's.
+# 2-hour aim; at 750 its 45 runs took 110.8 min from a fresh clone, about 1 h 50 min on idle cores (README, "How the
+# laptop tables were run"), and its seed-0 runs are quick's.
 ITERS = 750
 
 
