@@ -23,7 +23,7 @@ from mfcore.training.pretrain import PretrainConfig
 # (1.5 min) and a 10% margin, 750 fit. laptop trains the same 750: at 1000 its runs took about 2.4 hours, over its
 # 2-hour aim; at 750 its 45 runs took 110.8 min from a fresh clone, about 1 h 50 min on idle cores (README, "How the
 # laptop tables were run"), and its seed-0 runs are quick's.
-ITERS = 750
+SYNTHETIC_ITERS = 750
 
 
 @dataclass(frozen=True)
@@ -103,11 +103,11 @@ PROFILES: dict[str, Profile] = {
                                              batch_size=16)),
     # Laptop CPU, under 25 minutes on 2 cores from a fresh clone: Table 2 at three K and Table 4 (Table VII
     # re-reads Table 4's checkpoints), one seed, two runs side by side.
-    "quick": Profile("quick", class_counts=(8, 32, 64), iters=ITERS, pretrain=_HUE64, parallel_runs=2,
+    "quick": Profile("quick", class_counts=(8, 32, 64), iters=SYNTHETIC_ITERS, pretrain=_HUE64, parallel_runs=2,
                      tables=("table2", "table4", "table7"), perpixel_rows=False),
     # Every trained table, three seeds, the same scenes, backbone, hyper-parameters and iterations as quick (its
     # seed-0 runs are quick's); like quick without the PerPixelBaseline rows of Table 2, to fit 2 hours.
-    "laptop": Profile("laptop", class_counts=(8, 32, 64), iters=ITERS, seeds=(0, 1, 2), pretrain=_HUE64,
+    "laptop": Profile("laptop", class_counts=(8, 32, 64), iters=SYNTHETIC_ITERS, seeds=(0, 1, 2), pretrain=_HUE64,
                       parallel_runs=2, perpixel_rows=False),
     # One GPU: K up to 128, the paper's width 256 and N = 100, three seeds, many runs side by side (each small
     # run alone leaves the GPU idle). Not yet run on a GPU: its size is an estimate.

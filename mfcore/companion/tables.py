@@ -20,6 +20,7 @@ from mfcore.companion import paper_numbers as paper
 from mfcore.companion.experiments import Context, RunSpec, paper_spec, run_seeds, synthetic_spec
 from mfcore.companion.model_size_tables import runs_model_size, table1, table3
 from mfcore.companion.table import Table, provenance, trained
+from mfcore.data import build_dataset
 
 
 def _specs(ctx: Context, model: str, k: int | None = None, dataset: str | None = None, panoptic: bool = False,
@@ -161,8 +162,7 @@ def _class_group_note(ctx: Context, groups: dict) -> str:
     parts = []
     for k, dataset in _settings(ctx):
         specs = {m: groups[k, dataset, m] for m in ("perpixelplus", "maskformer")}
-        meta = json.loads((Path(specs["maskformer"][0].data_root) / "ADEChallengeData2016" / "synthetic_meta.json").read_text())
-        things = set(meta["thing_ids"])
+        things = set(build_dataset("synthetic", specs["maskformer"][0].data_root, "val").thing_ids)
         iou = {m: {g: statistics.median(class_group_iou(ctx.runs_dir / s.name, things)[g] for s in runs)
                    for g in ("things", "stuff")} for m, runs in specs.items()}
         parts.append(f"K={k}: things {iou['maskformer']['things']:.1f} vs {iou['perpixelplus']['things']:.1f}, "
