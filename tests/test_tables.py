@@ -5,7 +5,7 @@ import pytest
 
 from mfcore.cli import main
 from mfcore.companion.experiments import make_context
-from mfcore.companion import tables
+from mfcore.companion import diagnostics, tables
 from mfcore.companion.table import write_table
 from mfcore.companion.tables import RUNS, planned_runs
 
@@ -136,7 +136,7 @@ def test_class_group_iou_splits_thing_from_stuff_classes(tmp_path):
     per_class = [{"id": 0, "iou": 10.0}, {"id": 1, "iou": 30.0}, {"id": 2, "iou": 80.0}, {"id": 3, "iou": None},
                  {"id": 4, "iou": float("nan")}, {"id": 5, "iou": 60.0}]
     (tmp_path / "final.json").write_text(json.dumps({"metrics": {"semantic": {"per_class": per_class}}}))
-    assert tables.class_group_iou(tmp_path, {0, 1, 3}) == {"things": 20.0, "stuff": 70.0}
+    assert diagnostics.class_group_iou(tmp_path, {0, 1, 3}) == {"things": 20.0, "stuff": 70.0}
 
 
 def test_side_by_side_joins_profiles_on_the_paper_column(tmp_path):

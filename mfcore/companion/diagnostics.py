@@ -14,9 +14,14 @@ masks. Per-pixel models have no queries: only their mIoU and pixel accuracy are 
 Over all queries it also counts the confident ones, those panoptic inference keeps (a real class with
 p_i(c_i) > the object-mask threshold, 0.8 on COCO; section 3.4): a panoptic PQ of 0 with no confident
 query says the classes never became sure enough, not that the masks are wrong.
+
+`class_group_iou` reads a finished run's per-class IoU by group (thing vs stuff classes): where a mIoU gap sits.
 """
 from __future__ import annotations
 
+import json
+import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -135,3 +140,14 @@ def diagnose_checkpoint(checkpoint: str | Path, data_root: str | Path | None = N
     matcher = HungarianMatcher(loss_cfg.cost_class, loss_cfg.cost_mask, loss_cfg.cost_dice)
     result = matching_diagnostic(model.to(run_device), dataset, train_cfg, matcher, run_device, max_images)
     return {"checkpoint": str(checkpoint), "iteration": ckpt.get("iteration"), "split": split, **result}
+
+
+def class_group_iou(run_dir: Path, thing_ids: set[int]) -> dict[str, float]:
+    """Mean val IoU of a run over its thing classes and over its stuff classes ({"things", "stuff"}), from the
+    per-class IoU of its final evaluation (classes absent from val and never predicted left out)."""
+    per_class = json.loads((run_dir / "final.json").read_text())["metrics"]["semantic"]["per_class"]
+    groups: dict[str, list[float]] = {"things": [], "stuff": []}
+    for row in per_class:
+        if row.get("iou") is not None and math.isfinite(row["iou"]):
+            groups["things" if row["id"] in thing_ids else "stuff"].append(row["iou"])
+    return {name: statistics.fmean(values) if values else math.nan for name, values in groups.items()}

@@ -7,8 +7,6 @@ datasets: read the *trends* (the gaps between models), not the absolute values.
 """
 from __future__ import annotations
 
-import json
-import math
 import statistics
 import time
 from pathlib import Path
@@ -145,20 +143,11 @@ def _setting(ctx: Context, real: str = "ADE20K") -> str:
     return f"K={ctx.profile.base_classes}" if ctx.profile.synthetic else real
 
 
-def class_group_iou(run_dir: Path, thing_ids: set[int]) -> dict[str, float]:
-    """Mean val IoU of a run over its thing classes and over its stuff classes ({"things", "stuff"}), from the
-    per-class IoU of its final evaluation (classes absent from val and never predicted left out)."""
-    per_class = json.loads((run_dir / "final.json").read_text())["metrics"]["semantic"]["per_class"]
-    groups: dict[str, list[float]] = {"things": [], "stuff": []}
-    for row in per_class:
-        if row.get("iou") is not None and math.isfinite(row["iou"]):
-            groups["things" if row["id"] in thing_ids else "stuff"].append(row["iou"])
-    return {name: statistics.fmean(values) if values else math.nan for name, values in groups.items()}
-
-
 def _class_group_note(ctx: Context, groups: dict) -> str:
     """Where Table 2's mIoU gap comes from: thing classes (small shapes, a few memory positions each) or stuff
     classes (large regions), each model's mean IoU over the group, median over seeds."""
+    from mfcore.companion.diagnostics import class_group_iou
+
     parts = []
     for k, dataset in _settings(ctx):
         specs = {m: groups[k, dataset, m] for m in ("perpixelplus", "maskformer")}
